@@ -1,0 +1,27 @@
+"""`python -m gateway`: run one node on the settings from flags and the environment."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import parse
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiohttp's access log would print query strings, and polling URLs carry sids.
+    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None,
+                print=lambda msg: logging.getLogger("gateway").info("%s", msg.strip()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Builds one gateway node: the aiohttp app with its Socket.IO server, pool and stores."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from gateway.config import MiB, Config
+from gateway.metrics import Metrics
+from gateway.registry import create_registry
+from gateway.routes import add_routes, cors, json_errors
+from gateway.sessions import SessionManager
+from gateway.sockets import create_server
+from gateway.stores import create_store
+from kernels.kernel import KernelSpec
+from kernels.pool import KernelPool
+
+log = logging.getLogger(__name__)
+
+
+def create_pool(config: Config) -> KernelPool:
+    specs = {
+        name: KernelSpec(name=name, workdir_root=config.workdir_root, start_timeout=config.kernel_start_timeout)
+        for name in config.allowed_kernels
+    }
+    return KernelPool(specs, size=config.pool_size, max_kernels=config.max_kernels)
+
+
+def create_app(config: Config, pool: KernelPool | None = None) -> web.Application:
+    """The node's app. Pass `pool` to share one warm pool between apps (tests do)."""
+    owns_pool = pool is None
+    pool = pool or create_pool(config)
+    manager = SessionManager(config, pool, create_registry(config), create_store(config), Metrics())
+    app = web.Application(
+        middlewares=[cors(config), json_errors],
+        client_max_size=max(config.file_cap, config.message_limit) + MiB,
+    )
+    app["config"] = config
+    app["manager"] = manager
+    sio = create_server(config, manager)
+    sio.attach(app)
+    app["sio"] = sio
+    add_routes(app)
+
+    async def start(app: web.Application) -> None:
+        if owns_pool:
+            pool.start()
+
+    async def stop(app: web.Application) -> None:
+        await manager.close()
+        await manager.registry.close()
+        await manager.store.close()
+        if owns_pool:
+            await pool.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app

@@ -1,0 +1,316 @@
+"""A Python client for Cellgate, on python-socketio's AsyncClient.
+
+    async with Client("http://127.0.0.1:8888") as c:
+        run = await c.execute("1 + 1")
+        print(run.result)          # {'text/plain': '2'}
+
+Tests, benchmarks and users share it. Every server event is kept in `events` in
+arrival order; `last_seq` is what a resume asks to continue after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import socketio
+
+Event = tuple[str, dict[str, Any]]
+
+
+class Refused(Exception):
+    """The server refused a connection or a message; `code` is a contract error code."""
+
+    def __init__(self, code: str, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data or {}
+
+
+@dataclass
+class Execution:
+    msg_id: str
+    messages: list[Event] = field(default_factory=list)  # every event tied to this msg_id
+    reply: dict[str, Any] | None = None
+
+    def _iopub(self, msg_type: str) -> list[dict[str, Any]]:
+        return [d["content"] for e, d in self.messages if e == "iopub" and d["header"]["msg_type"] == msg_type]
+
+    @property
+    def stdout(self) -> str:
+        return "".join(c["text"] for c in self._iopub("stream") if c["name"] == "stdout")
+
+    @property
+    def stderr(self) -> str:
+        return "".join(c["text"] for c in self._iopub("stream") if c["name"] == "stderr")
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        results = self._iopub("execute_result")
+        return results[-1]["data"] if results else None
+
+    @property
+    def displays(self) -> list[dict[str, Any]]:
+        return self._iopub("display_data")
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        errors = self._iopub("error")
+        return errors[-1] if errors else None
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """Cellgate's own `error` events about this execution (output_capped, ...)."""
+        return [d for e, d in self.messages if e == "error"]
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        return [f for e, d in self.messages if e == "files" for f in d["files"]]
+
+    @property
+    def permalink(self) -> dict[str, Any] | None:
+        links = [d for e, d in self.messages if e == "permalink"]
+        return links[-1] if links else None
+
+
+def make_message(msg_type: str, content: dict[str, Any], **header: Any) -> dict[str, Any]:
+    return {
+        "header": {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, **header},
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+    }
+
+
+def parent_id(data: dict[str, Any]) -> str | None:
+    if "parent_header" in data:
+        return (data.get("parent_header") or {}).get("msg_id")
+    return data.get("msg_id")
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        transports: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.transports = transports
+        self.headers = headers or {}
+        self.timeout = timeout
+        self.sio: socketio.AsyncClient | None = None
+        self.info: dict[str, Any] = {}
+        self.token: str | None = None
+        self.epoch: str | None = None
+        self.last_seq = 0
+        self.events: list[Event] = []
+        self.on_input: Callable[[dict[str, Any]], str] | None = None
+        self._changed = asyncio.Condition()
+        self._session_event = asyncio.Event()
+        self._refusal: dict[str, Any] | None = None
+
+    # -- connection -------------------------------------------------------------
+
+    async def connect(self, kernel: str | None = None) -> dict[str, Any]:
+        """Start a new session."""
+        return await self._connect({"kernel": kernel} if kernel else {})
+
+    async def resume(
+        self, token: str | None = None, epoch: str | None = None, seq: int | None = -1
+    ) -> dict[str, Any]:
+        """Reconnect to a session. By default continue after the last seq seen here;
+        pass seq=None to ask for no replay, or any seq to replay from there."""
+        auth: dict[str, Any] = {"resume": token or self.token, "epoch": epoch or self.epoch}
+        if seq == -1:
+            seq = self.last_seq
+        if seq is not None:
+            auth["seq"] = seq
+        await self.drop()
+        return await self._connect(auth)
+
+    async def _connect(self, auth: dict[str, Any]) -> dict[str, Any]:
+        sio = socketio.AsyncClient(reconnection=False)
+        self._session_event.clear()
+        self._refusal = None
+
+        @sio.on("*")
+        async def any_event(event: str, data: Any = None) -> None:
+            await self._received(event, data)
+
+        @sio.event
+        async def connect_error(data: Any) -> None:
+            if isinstance(data, dict) and isinstance(data.get("data"), dict):
+                self._refusal = data["data"]
+            else:
+                self._refusal = {"code": "unknown", "message": str(data)}
+
+        @sio.on("session")
+        async def on_session(data: dict[str, Any]) -> None:
+            self.info = data
+            self.token = data["resume"]
+            self.epoch = data["epoch"]
+            self._session_event.set()
+
+        try:
+            await sio.connect(
+                self.url,
+                auth=auth,
+                transports=self.transports,
+                headers=self.headers,
+                wait_timeout=self.timeout,
+            )
+        except socketio.exceptions.ConnectionError as exc:
+            refusal = self._refusal or {"code": "connection_failed", "message": str(exc)}
+            raise Refused(refusal.get("code", "unknown"), refusal.get("message", ""), refusal) from None
+        self.sio = sio
+        await asyncio.wait_for(self._session_event.wait(), self.timeout)
+        return self.info
+
+    async def _received(self, event: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            data = {"value": data}
+        seq = data.get("seq")
+        if isinstance(seq, int) and seq > self.last_seq:
+            self.last_seq = seq
+        if event == "stdin" and data["header"]["msg_type"] == "input_request" and self.on_input:
+            answer = self.on_input(data["content"])
+            asyncio.ensure_future(self.input_reply(answer, parent=data["header"]))
+        async with self._changed:
+            self.events.append((event, data))
+            self._changed.notify_all()
+
+    async def drop(self) -> None:
+        """Close this connection without ending the session (it can be resumed)."""
+        if self.sio is not None:
+            sio, self.sio = self.sio, None
+            # On polling, engine.io's client waits for its pending long-poll GET, which
+            # the server only answers at the next ping: do not wait more than a moment.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sio.disconnect(), 1.0)
+            http = getattr(sio.eio, "http", None)
+            if http is not None and not http.closed:
+                await http.close()
+
+    async def __aenter__(self) -> Client:
+        if self.sio is None:
+            await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.drop()
+
+    @property
+    def connected(self) -> bool:
+        return self.sio is not None and self.sio.connected
+
+    # -- waiting ----------------------------------------------------------------
+
+    async def wait_for(self, match: Callable[[str, dict[str, Any]], bool], timeout: float | None = None,
+                       start: int = 0) -> Event:
+        """The first event from index `start` on that matches, waiting if need be."""
+        async with asyncio.timeout(timeout or self.timeout), self._changed:
+            i = start
+            while True:
+                while i < len(self.events):
+                    if match(*self.events[i]):
+                        return self.events[i]
+                    i += 1
+                await self._changed.wait()
+
+    async def wait_event(self, event: str, timeout: float | None = None, start: int = 0, **fields: Any) -> dict[str, Any]:
+        def match(e: str, d: dict[str, Any]) -> bool:
+            return e == event and all(d.get(k) == v for k, v in fields.items())
+
+        return (await self.wait_for(match, timeout, start))[1]
+
+    # -- messages ---------------------------------------------------------------
+
+    async def send(self, channel: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send one message and return the server's ack (raises Refused on ok=false)."""
+        if self.sio is None:
+            raise Refused("not_connected", "connect first")
+        ack = await self.sio.call(channel, msg, timeout=self.timeout)
+        if not ack.get("ok"):
+            err = ack.get("error", {})
+            raise Refused(err.get("code", "unknown"), err.get("message", ""), err)
+        return ack
+
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any], **extra: Any) -> str:
+        msg = make_message(msg_type, content)
+        msg.update(extra)
+        await self.send(channel, msg)
+        return msg["header"]["msg_id"]
+
+    async def execute(self, code: str, timeout: float | None = None, allow_stdin: bool = False,
+                      wait: bool = True) -> Execution:
+        """Run code; return once its execute_reply and its idle status have arrived."""
+        start = len(self.events)
+        msg_id = await self.request(
+            "shell", "execute_request",
+            {"code": code, "silent": False, "store_history": True, "allow_stdin": allow_stdin},
+        )
+        run = Execution(msg_id)
+        if wait:
+            await self.finish(run, timeout, start)
+        return run
+
+    async def finish(self, run: Execution, timeout: float | None = None, start: int = 0) -> Execution:
+        reply = idle = False
+
+        def done(e: str, d: dict[str, Any]) -> bool:
+            nonlocal reply, idle
+            if parent_id(d) == run.msg_id:
+                t = d.get("header", {}).get("msg_type")
+                reply = reply or (e == "shell" and t == "execute_reply")
+                idle = idle or (e == "iopub" and t == "status" and d["content"]["execution_state"] == "idle")
+            return (reply and idle) or (e == "kernel" and d.get("state") in ("dead", "timed_out", "shutdown"))
+
+        await self.wait_for(done, timeout, start)
+        self.collect(run, start)
+        return run
+
+    def collect(self, run: Execution, start: int = 0) -> Execution:
+        """Refresh `run` with every event about it received so far."""
+        run.messages = [(e, d) for e, d in self.events[start:] if parent_id(d) == run.msg_id]
+        replies = [d["content"] for e, d in run.messages if e == "shell"]
+        run.reply = replies[-1] if replies else None
+        return run
+
+    async def wait_files(self, run: Execution, timeout: float | None = None) -> list[dict[str, Any]]:
+        await self.wait_event("files", timeout, msg_id=run.msg_id)
+        return self.collect(run).files
+
+    async def input_reply(self, value: str, parent: dict[str, Any] | None = None) -> str:
+        msg = make_message("input_reply", {"value": value})
+        if parent:
+            msg["parent_header"] = parent
+        await self.send("stdin", msg)
+        return msg["header"]["msg_id"]
+
+    async def comm_msg(self, comm_id: str, data: dict[str, Any], buffers: list[bytes] | None = None) -> str:
+        extra = {"buffers": buffers} if buffers else {}
+        return await self.request("shell", "comm_msg", {"comm_id": comm_id, "data": data}, **extra)
+
+    async def interrupt(self) -> str:
+        return await self.request("control", "interrupt_request", {})
+
+    async def shutdown(self) -> None:
+        await self.request("control", "shutdown_request", {"restart": False})
+        with contextlib.suppress(TimeoutError):
+            await self.wait_event("kernel", state="shutdown")
+
+    async def upload(self, name: str, data: bytes) -> dict[str, Any]:
+        if self.sio is None:
+            raise Refused("not_connected", "connect first")
+        ack = await self.sio.call("upload", {"name": name, "data": data}, timeout=self.timeout)
+        if not ack.get("ok"):
+            err = ack.get("error", {})
+            raise Refused(err.get("code", "unknown"), err.get("message", ""), err)
+        return ack

@@ -1,0 +1,82 @@
+"""The session registry interface: session records and each session's replay log.
+
+The registry is the only place a session's durable facts live, so a backend that
+shares it between nodes (Redis) lets any node serve any session. The embedded backend
+keeps it in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 random bits
+
+
+def token_digest(token: str) -> str:
+    # Only a digest is stored: a registry dump does not hand out live sessions.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    token_digest: str
+    epoch: str
+    kernel_name: str
+    client: str
+    created: float
+    kernel_id: str | None = None
+
+
+@dataclass
+class LogEntry:
+    seq: int
+    event: str
+    data: Any
+
+
+@dataclass
+class LogRead:
+    epoch: str
+    first: int  # lowest seq still held (newest + 1 when empty)
+    last: int  # newest seq ever appended (0 when none)
+    entries: list[LogEntry] = field(default_factory=list)
+
+
+class SessionRegistry(ABC):
+    @abstractmethod
+    async def create(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    @abstractmethod
+    async def find(self, token: str) -> SessionRecord | None:
+        """The session a resume token belongs to, or None."""
+
+    @abstractmethod
+    async def update(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def delete(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    async def count_client(self, client: str) -> int:
+        """Live sessions opened from one client address."""
+
+    @abstractmethod
+    async def append(self, session_id: str, event: str, data: Any) -> int:
+        """Add an event to the session's log and return its seq (1, 2, 3 ...)."""
+
+    @abstractmethod
+    async def read(self, session_id: str, after: int) -> LogRead:
+        """Every held entry with seq > after, oldest first."""
+
+    async def close(self) -> None:
+        return None

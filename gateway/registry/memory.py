@@ -1,0 +1,74 @@
+"""The embedded registry: everything in this process's memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import Counter, deque
+from typing import Any
+
+from gateway.registry.base import LogEntry, LogRead, SessionRecord, SessionRegistry, token_digest
+
+
+class MemoryRegistry(SessionRegistry):
+    def __init__(self, replay_limit: int = 10000) -> None:
+        self.replay_limit = replay_limit
+        self._records: dict[str, SessionRecord] = {}
+        self._by_token: dict[str, str] = {}
+        self._logs: dict[str, deque[LogEntry]] = {}
+        self._last: dict[str, int] = {}
+        self._clients: Counter[str] = Counter()
+
+    async def create(self, record: SessionRecord) -> None:
+        self._records[record.id] = dataclasses.replace(record)
+        self._by_token[record.token_digest] = record.id
+        self._logs[record.id] = deque(maxlen=self.replay_limit or None)
+        self._last[record.id] = 0
+        self._clients[record.client] += 1
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        record = self._records.get(session_id)
+        return dataclasses.replace(record) if record else None
+
+    async def find(self, token: str) -> SessionRecord | None:
+        session_id = self._by_token.get(token_digest(token))
+        return await self.get(session_id) if session_id else None
+
+    async def update(self, record: SessionRecord) -> None:
+        if record.id in self._records:
+            self._records[record.id] = dataclasses.replace(record)
+
+    async def delete(self, session_id: str) -> None:
+        record = self._records.pop(session_id, None)
+        if record is None:
+            return
+        self._by_token.pop(record.token_digest, None)
+        self._logs.pop(session_id, None)
+        self._last.pop(session_id, None)
+        self._clients[record.client] -= 1
+        if self._clients[record.client] <= 0:
+            del self._clients[record.client]
+
+    async def count_client(self, client: str) -> int:
+        return self._clients.get(client, 0)
+
+    async def append(self, session_id: str, event: str, data: Any) -> int:
+        log = self._logs.get(session_id)
+        if log is None:
+            raise KeyError(session_id)
+        seq = self._last[session_id] + 1
+        self._last[session_id] = seq
+        log.append(LogEntry(seq, event, data))
+        return seq
+
+    async def read(self, session_id: str, after: int) -> LogRead:
+        record = self._records.get(session_id)
+        log = self._logs.get(session_id)
+        if record is None or log is None:
+            raise KeyError(session_id)
+        last = self._last[session_id]
+        first = log[0].seq if log else last + 1
+        # Seqs in the log are contiguous, so the first wanted entry is found by index.
+        start = max(0, after + 1 - first)
+        entries = list(itertools.islice(log, start, None)) if after < last else []
+        return LogRead(record.epoch, first, last, entries)

@@ -1,0 +1,114 @@
+"""POST /service: one execution on a fresh session, answered as one JSON document."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from gateway.errors import CellgateError
+from gateway.sessions import SessionManager
+from kernels.kernel import PROTOCOL_VERSION, now_iso
+
+SKIPPED = frozenset({"status", "execute_input", "clear_output"})
+
+
+class Collector:
+    """A sink that keeps what one execution produced."""
+
+    def __init__(self, msg_id: str) -> None:
+        self.msg_id = msg_id
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.reply: dict[str, Any] | None = None
+        self.idle = False
+        self.finished = asyncio.Event()
+
+    async def send(self, event: str, data: dict[str, Any]) -> None:
+        self.events.append((event, data))
+        parent = data.get("parent_header", {}).get("msg_id") if isinstance(data, dict) else None
+        if parent == self.msg_id:
+            msg_type = data["header"]["msg_type"]
+            if event == "shell" and msg_type == "execute_reply":
+                self.reply = data["content"]
+            elif event == "iopub" and msg_type == "status" and data["content"].get("execution_state") == "idle":
+                self.idle = True
+        if event == "kernel" and data.get("state") == "dead":
+            self.finished.set()
+        if self.reply is not None and self.idle:
+            self.finished.set()
+
+    async def close(self, reason: str) -> None:
+        self.finished.set()
+
+
+async def run(manager: SessionManager, code: str, client: str) -> dict[str, Any]:
+    timeout = manager.config.service_timeout
+    session, _ = await manager.open(client, logged=False)
+    msg_id = uuid.uuid4().hex
+    sink = Collector(msg_id)
+    session.sink = sink
+    session.disconnected_at = None  # the request itself holds the session
+    msg = {
+        "header": {
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "session": session.id,
+            "username": "cellgate",
+            "date": now_iso(),
+            "version": PROTOCOL_VERSION,
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": {"code": code, "silent": False, "store_history": False, "allow_stdin": False},
+        "buffers": [],
+    }
+    try:
+        async with asyncio.timeout(timeout):
+            await session.to_kernel("shell", msg)
+            await sink.finished.wait()
+            await session.settle()
+    except TimeoutError:
+        raise CellgateError("timeout", f"the code ran longer than {timeout:g} s") from None
+    finally:
+        await session.end("shutdown", "service call done")
+    return _result(sink, msg_id)
+
+
+def _result(sink: Collector, msg_id: str) -> dict[str, Any]:
+    stdout, stderr, outputs, files = [], [], [], []
+    permalink = None
+    error = None
+    died = False
+    for event, data in sink.events:
+        if event == "permalink" and data.get("msg_id") == msg_id:
+            permalink = {"id": data["id"], "url": data["url"]}
+        elif event == "files" and data.get("msg_id") == msg_id:
+            files.extend(data["files"])
+        elif event == "kernel" and data.get("state") == "dead":
+            died = True
+        elif event == "error" and data.get("msg_id") == msg_id:
+            outputs.append({"msg_type": "cellgate_error", "content": {k: data[k] for k in ("code", "message")}})
+        elif event == "iopub" and data["parent_header"].get("msg_id") == msg_id:
+            msg_type = data["header"]["msg_type"]
+            if msg_type in SKIPPED:
+                continue
+            content = data["content"]
+            if msg_type == "stream":
+                (stdout if content.get("name") == "stdout" else stderr).append(content.get("text", ""))
+            elif msg_type == "error":
+                error = {k: content.get(k) for k in ("ename", "evalue", "traceback")}
+            outputs.append({"msg_type": msg_type, "content": content})
+    reply = sink.reply or {}
+    if died and not reply:
+        error = {"ename": "KernelDied", "evalue": "the kernel exited while running the code", "traceback": []}
+    result: dict[str, Any] = {
+        "success": reply.get("status") == "ok",
+        "stdout": "".join(stdout),
+        "stderr": "".join(stderr),
+        "outputs": outputs,
+        "files": files,
+        "permalink": permalink,
+    }
+    if error is not None:
+        result["error"] = error
+    return result

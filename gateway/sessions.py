@@ -1,0 +1,103 @@
+"""The node's session manager: opens, finds and forgets sessions, enforcing the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from gateway.config import Config
+from gateway.errors import CellgateError
+from gateway.metrics import Metrics
+from gateway.permalinks import Permalinks
+from gateway.registry import SessionRecord, SessionRegistry
+from gateway.registry.base import new_token, token_digest
+from gateway.session import Session
+from gateway.stores import BlobStore
+from kernels.pool import KernelPool
+
+log = logging.getLogger(__name__)
+
+
+class SessionManager:
+    def __init__(
+        self,
+        config: Config,
+        pool: KernelPool,
+        registry: SessionRegistry,
+        store: BlobStore,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.base_url = config.public_url.rstrip("/")
+        self.permalinks = Permalinks(store, self.base_url)
+        self.sessions: dict[str, Session] = {}
+        self._languages: dict[str, str] = {}
+        self._open_lock = asyncio.Lock()
+
+    def language(self, kernel_name: str) -> str:
+        if kernel_name not in self._languages:
+            try:
+                self._languages[kernel_name] = KernelSpecManager().get_kernel_spec(kernel_name).language
+            except NoSuchKernel:
+                self._languages[kernel_name] = kernel_name
+        return self._languages[kernel_name]
+
+    def file_url(self, key: str) -> str:
+        return self.store.url(key) or f"{self.base_url}/{key}"
+
+    async def open(self, client: str, kernel_name: str | None = None, logged: bool = True) -> tuple[Session, str]:
+        """A new session and its resume token (the only time the token is seen)."""
+        name = kernel_name or self.config.default_kernel
+        if not isinstance(name, str) or name not in self.config.allowed_kernels:
+            raise CellgateError("no_kernel", f"no kernel named {name!r}; this node offers {self.config.kernels}")
+        async with self._open_lock:  # count and create as one step
+            if await self.registry.count_client(client) >= self.config.sessions_per_client:
+                raise CellgateError(
+                    "capacity_client",
+                    f"{self.config.sessions_per_client} sessions are already open from your address",
+                )
+            token = new_token()
+            record = SessionRecord(
+                id=uuid.uuid4().hex,
+                token_digest=token_digest(token),
+                epoch=secrets.token_hex(8),
+                kernel_name=name,
+                client=client,
+                created=time.time(),
+            )
+            await self.registry.create(record)
+        session = Session(self, record, logged=logged)
+        self.sessions[record.id] = session
+        return session, token
+
+    async def resume(self, token: object) -> Session:
+        if not isinstance(token, str) or not token:
+            raise CellgateError("token_invalid", "the resume token must be a non-empty string")
+        record = await self.registry.find(token)
+        session = self.sessions.get(record.id) if record else None
+        if session is None or session.ended:
+            raise CellgateError("token_invalid", "no live session has this token (it may have expired)")
+        return session
+
+    async def forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        await self.registry.delete(session.id)
+
+    def counts(self) -> dict[str, int]:
+        connected = sum(1 for s in self.sessions.values() if s.sink is not None)
+        return {"connected": connected, "disconnected": len(self.sessions) - connected}
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(s.end("shutdown", "server stopping") for s in list(self.sessions.values())),
+            return_exceptions=True,
+        )

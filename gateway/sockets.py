@@ -1,0 +1,165 @@
+"""The Socket.IO side: connect and resume, the client's channels, acks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import socketio
+from aiohttp import web
+
+from gateway.addresses import client_address
+from gateway.config import Config
+from gateway.errors import CellgateError
+from gateway.messages import check_filename, validate
+from gateway.session import Session
+from gateway.sessions import SessionManager
+
+log = logging.getLogger(__name__)
+
+
+class Server(socketio.AsyncServer):
+    """An AsyncServer with a hook that runs once a connection is fully accepted.
+
+    Events emitted from inside the connect handler would reach the client before the
+    CONNECT packet, so the `session` greeting and any replay are sent from here.
+    """
+
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        await super()._handle_connect(eio_sid, namespace, data)
+        namespace = namespace or "/"
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if sid is not None and self.manager.is_connected(sid, namespace):
+            await self._trigger_event("connected", namespace, sid)
+
+
+class SocketSink:
+    def __init__(self, sio: socketio.AsyncServer, sid: str) -> None:
+        self.sio = sio
+        self.sid = sid
+
+    async def send(self, event: str, data: dict[str, Any]) -> None:
+        await self.sio.emit(event, data, to=self.sid)
+
+    async def close(self, reason: str) -> None:
+        await self.sio.disconnect(self.sid)
+
+
+class Connection:
+    """What one socket is bound to, between its connect and its disconnect."""
+
+    def __init__(
+        self, session: Session, sink: SocketSink, token: str, resumed: bool, seq: int | None, epoch: str | None
+    ) -> None:
+        self.session = session
+        self.sink = sink
+        self.token = token
+        self.resumed = resumed
+        self.seq = seq
+        self.epoch = epoch
+
+
+def create_server(config: Config, manager: SessionManager) -> Server:
+    sio = Server(
+        async_mode="aiohttp",
+        cors_allowed_origins=config.cors,
+        max_http_buffer_size=config.transport_limit,
+        # Tokens and payloads must never reach the logs.
+        logger=False,
+        engineio_logger=False,
+    )
+    connections: dict[str, Connection] = {}
+
+    def fail(exc: CellgateError) -> dict[str, Any]:
+        manager.metrics.errors.labels(exc.code).inc()
+        return exc.ack()
+
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        try:
+            connections[sid] = await _open(sid, environ, auth)
+        except CellgateError as exc:
+            manager.metrics.errors.labels(exc.code).inc()
+            # Socket.IO clients see this as connect_error with err.message and err.data.
+            raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.as_dict()) from None
+
+    async def _open(sid: str, environ: dict[str, Any], auth: Any) -> Connection:
+        auth = auth if auth is not None else {}
+        if not isinstance(auth, dict):
+            raise CellgateError("bad_message", "auth must be an object")
+        sink = SocketSink(sio, sid)
+        if "resume" in auth:
+            seq, epoch = auth.get("seq"), auth.get("epoch")
+            if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+                raise CellgateError("bad_message", "seq must be a non-negative integer")
+            if epoch is not None and not isinstance(epoch, str):
+                raise CellgateError("bad_message", "epoch must be a string")
+            session = await manager.resume(auth["resume"])
+            return Connection(session, sink, auth["resume"], True, seq, epoch)
+        request: web.Request = environ["aiohttp.request"]
+        session, token = await manager.open(client_address(request, config.proxies), auth.get("kernel"))
+        return Connection(session, sink, token, False, None, None)
+
+    @sio.on("connected")
+    async def connected(sid: str) -> None:
+        conn = connections.get(sid)
+        if conn is None:
+            return
+        # Without a seq nothing is replayed: the client said it needs nothing.
+        await conn.session.attach(conn.sink, conn.token, conn.resumed, conn.seq, conn.epoch)
+
+    @sio.event
+    async def disconnect(sid: str, reason: Any = None) -> None:
+        conn = connections.pop(sid, None)
+        if conn is not None:
+            conn.session.detach(conn.sink)
+
+    async def relay(channel: str, sid: str, data: Any) -> dict[str, Any]:
+        conn = connections.get(sid)
+        if conn is None:
+            return fail(CellgateError("token_invalid", "this socket has no session"))
+        try:
+            msg = validate(channel, data, config.message_limit, conn.session.id)
+            await conn.session.to_kernel(channel, msg)
+        except CellgateError as exc:
+            if "msg_id" not in exc.extra and isinstance(data, dict) and isinstance(data.get("header"), dict):
+                msg_id = data["header"].get("msg_id")
+                if isinstance(msg_id, str):
+                    exc.extra["msg_id"] = msg_id
+            return fail(exc)
+        return {"ok": True, "msg_id": msg["header"]["msg_id"]}
+
+    @sio.on("shell")
+    async def shell(sid: str, data: Any = None) -> dict[str, Any]:
+        return await relay("shell", sid, data)
+
+    @sio.on("stdin")
+    async def stdin(sid: str, data: Any = None) -> dict[str, Any]:
+        return await relay("stdin", sid, data)
+
+    @sio.on("control")
+    async def control(sid: str, data: Any = None) -> dict[str, Any]:
+        return await relay("control", sid, data)
+
+    @sio.on("upload")
+    async def upload(sid: str, data: Any = None) -> dict[str, Any]:
+        conn = connections.get(sid)
+        if conn is None:
+            return fail(CellgateError("token_invalid", "this socket has no session"))
+        try:
+            if not isinstance(data, dict) or not isinstance(data.get("data"), bytes | bytearray):
+                raise CellgateError("bad_message", "upload takes {name, data: <binary>}")
+            name = check_filename(data.get("name"))
+            if len(data["data"]) > config.message_limit:
+                raise CellgateError("too_large", f"uploads over {config.message_limit} bytes go to POST /upload")
+            result = await conn.session.upload(name, bytes(data["data"]))
+        except CellgateError as exc:
+            return fail(exc)
+        return {"ok": True, **result}
+
+    @sio.on("*")
+    async def other(event: str, sid: str, data: Any = None) -> dict[str, Any]:
+        return fail(CellgateError("bad_channel", f"no event {event!r}; send shell, stdin, control or upload"))
+
+    sio.connections = connections  # type: ignore[attr-defined]  # for /health and tests
+    return sio

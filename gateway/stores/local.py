@@ -1,0 +1,53 @@
+"""The embedded blob store: a local directory, served by the gateway at /files/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+
+from gateway.stores.base import Blob, BlobStore, check_key
+
+
+class LocalStore(BlobStore):
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self._put, self._path(key), data, content_type)
+
+    @staticmethod
+    def _put(path: str, data: bytes, content_type: str) -> None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # Write then rename, so a reader never sees half a file.
+        for target, body in ((path + ".meta", json.dumps({"type": content_type}).encode()), (path, data)):
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.replace(tmp, target)
+
+    async def get(self, key: str) -> Blob | None:
+        try:
+            path = self._path(key)
+        except ValueError:
+            return None
+        return await asyncio.to_thread(self._get, path)
+
+    @staticmethod
+    def _get(path: str) -> Blob | None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path + ".meta", "rb") as f:
+                meta = json.loads(f.read())
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return Blob(data, meta.get("type", "application/octet-stream"))
+
+    def url(self, key: str) -> str | None:
+        return None

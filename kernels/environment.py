@@ -1,0 +1,35 @@
+"""The environment a kernel starts with: an allow-list, never a copy of the server's.
+
+The server's environment holds its secrets (Redis passwords, S3 keys, CELLGATE_*), so
+a kernel gets only the few variables below, plus what makes it work in its own
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+ALLOWED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
+# Belt and braces: even an allowed name is dropped if it looks like a secret.
+SECRET = re.compile(r"CELLGATE|AWS|REDIS|SECRET|TOKEN|PASSWORD|KEY", re.IGNORECASE)
+
+
+def kernel_environment(workdir: str, statedir: str, shared_cache: str) -> dict[str, str]:
+    """`workdir` is the kernel's cwd and HOME: what it writes there is reported as files.
+    IPython's profile and history go to `statedir`, which is not reported; matplotlib's
+    font cache is shared so that the first plot of a new kernel is not slow."""
+    env = {name: os.environ[name] for name in ALLOWED if name in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(
+        {
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "PYTHONNOUSERSITE": "1",
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            "MPLCONFIGDIR": shared_cache,
+            "IPYTHONDIR": statedir,
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        }
+    )
+    return {k: v for k, v in env.items() if k in ("PATH",) or not SECRET.search(k)}

@@ -1,0 +1,262 @@
+"""One running kernel, as the gateway sees it: the seam between trusted and untrusted.
+
+The gateway hands a `Kernel` plain message dicts (no signature, no key) and gets plain
+message dicts back through a listener. Everything that touches the kernel's process,
+its ZMQ sockets and its HMAC key stays in this module: the key never leaves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import Session
+
+from kernels.environment import kernel_environment
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("shell", "control", "stdin", "iopub")
+DELIM = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.3"
+
+Message = dict[str, Any]
+Listener = Callable[[str, Message], None]
+
+
+class KernelStartError(RuntimeError):
+    """The kernel did not come up (or its IOPub never proved live) in time."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What a kernel is started with; the pool makes every kernel from one of these."""
+
+    name: str = "python3"
+    workdir_root: str = ""
+    start_timeout: float = 60.0
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class Kernel:
+    """A started kernel with live channels. Create with `await Kernel.start(spec)`."""
+
+    def __init__(self, spec: KernelSpec, manager: AsyncKernelManager, home: str) -> None:
+        self.id = uuid.uuid4().hex
+        self.name = spec.name
+        self.workdir = os.path.join(home, "work")
+        self._home = home
+        self.started_at = time.monotonic()
+        self._manager = manager
+        self._session = Session(key=manager.session.key, username="cellgate")
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._listener: Listener | None = None
+        self._on_exit: list[Callable[[Kernel], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._iopub_live = asyncio.Event()
+        self._alive = True
+        self._closed = False
+        self.bad_signatures = 0
+
+    # -- life -------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, spec: KernelSpec) -> Kernel:
+        root = spec.workdir_root or os.path.join(tempfile.gettempdir(), "cellgate-kernels")
+        shared_cache = os.path.join(root, "shared-cache")
+        os.makedirs(shared_cache, mode=0o700, exist_ok=True)
+        home = tempfile.mkdtemp(prefix="k-", dir=root)
+        workdir, statedir = os.path.join(home, "work"), os.path.join(home, "state")
+        os.mkdir(workdir, 0o700)
+        os.mkdir(statedir, 0o700)
+        # IPC sockets live in the kernel's own directory: no ports to race for on a
+        # busy node, nothing reachable over the network.
+        manager = AsyncKernelManager(
+            kernel_name=spec.name, transport="ipc", ip=os.path.join(statedir, "zmq")
+        )
+        env = kernel_environment(workdir, statedir, shared_cache)
+        try:
+            await manager.start_kernel(
+                cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"]
+            )
+        except Exception as exc:
+            shutil.rmtree(home, ignore_errors=True)
+            raise KernelStartError(f"kernel {spec.name!r} failed to start: {exc}") from exc
+        kernel = cls(spec, manager, home)
+        try:
+            await asyncio.wait_for(kernel._connect(), spec.start_timeout)
+        except (TimeoutError, Exception) as exc:
+            await kernel.shutdown()
+            raise KernelStartError(f"kernel {spec.name!r} did not answer: {exc!r}") from exc
+        return kernel
+
+    async def _connect(self) -> None:
+        info = self._manager.get_connection_info()
+        base = f"{info['transport']}://{info['ip']}"
+        for channel in CHANNELS:
+            kind = zmq.SUB if channel == "iopub" else zmq.DEALER
+            sock = self._ctx.socket(kind)
+            sock.setsockopt(zmq.LINGER, 0)
+            if kind == zmq.SUB:
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            else:
+                sock.setsockopt(zmq.IDENTITY, self._session.bsession)
+            sep = "-" if info["transport"] == "ipc" else ":"
+            sock.connect(f"{base}{sep}{info[channel + '_port']}")
+            self._sockets[channel] = sock
+            self._tasks.append(asyncio.create_task(self._read(channel, sock)))
+        self._tasks.append(asyncio.create_task(self._watch()))
+        # ZMQ's slow joiner: a SUB socket misses whatever is published before its
+        # subscription reaches the kernel. ipykernel 7 greets each new subscriber with
+        # iopub_welcome; older kernels answer kernel_info with a status on IOPub.
+        # Either proves the subscription live, so no output of the first cell is lost.
+        while not self._iopub_live.is_set():
+            self.send("shell", self.make_message("kernel_info_request", {}))
+            try:
+                await asyncio.wait_for(self._iopub_live.wait(), 0.25)
+            except TimeoutError:
+                if not await self._manager.is_alive():
+                    raise KernelStartError("kernel exited during start-up") from None
+
+    async def _watch(self) -> None:
+        # The process is ours (a child), so polling it is cheap and exact.
+        while self._alive:
+            await asyncio.sleep(0.2)
+            if self._closed:
+                return
+            if not await self._manager.is_alive():
+                self._alive = False
+                log.info("kernel %s exited", self.id)
+                for callback in self._on_exit:
+                    callback(self)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive and not self._closed
+
+    def on_exit(self, callback: Callable[[Kernel], None]) -> None:
+        self._on_exit.append(callback)
+
+    def set_listener(self, listener: Listener | None) -> None:
+        """Where every message the kernel sends goes, in the order it arrives."""
+        self._listener = listener
+
+    async def interrupt(self) -> None:
+        await self._manager.interrupt_kernel()
+
+    async def shutdown(self) -> None:
+        """Kill the kernel, close its channels and remove its working directory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._alive = False
+        self._listener = None
+        for task in self._tasks:
+            task.cancel()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        try:
+            await self._manager.shutdown_kernel(now=True)
+        except Exception:  # a kernel that is already gone is the goal, not a failure
+            log.debug("kernel %s shutdown", self.id, exc_info=True)
+        # rmtree works through directory fds and never follows a link the kernel made.
+        await asyncio.to_thread(shutil.rmtree, self._home, True)
+
+    # -- messages ---------------------------------------------------------------
+
+    def make_message(self, msg_type: str, content: dict[str, Any]) -> Message:
+        return {
+            "header": {
+                "msg_id": uuid.uuid4().hex,
+                "msg_type": msg_type,
+                "session": self._session.session,
+                "username": "cellgate",
+                "date": now_iso(),
+                "version": PROTOCOL_VERSION,
+            },
+            "parent_header": {},
+            "metadata": {},
+            "content": content,
+            "buffers": [],
+        }
+
+    def send(self, channel: str, msg: Message) -> None:
+        """Sign and queue one message for the kernel. `msg` is a complete Jupyter dict."""
+        header = msg["header"]
+        header.setdefault("session", self._session.session)
+        parts = [
+            json.dumps(header).encode(),
+            json.dumps(msg.get("parent_header") or {}).encode(),
+            json.dumps(msg.get("metadata") or {}).encode(),
+            json.dumps(msg.get("content") or {}).encode(),
+        ]
+        frames: list[Any] = [DELIM, self._sign(parts), *parts, *msg.get("buffers", ())]
+        self._sockets[channel].send_multipart(frames, copy=False)
+
+    def _sign(self, parts: list[bytes]) -> bytes:
+        auth = self._session.auth
+        if auth is None:
+            return b""
+        h = auth.copy()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest().encode()
+
+    def _unpack(self, frames: list[bytes]) -> Message | None:
+        try:
+            i = frames.index(DELIM)
+        except ValueError:
+            return None
+        sig, *parts = frames[i + 1 : i + 6]
+        if len(parts) != 4 or not hmac.compare_digest(sig, self._sign(parts)):
+            self.bad_signatures += 1
+            if self.bad_signatures == 1:  # once per kernel: a hostile kernel must not flood logs
+                log.warning("kernel %s sent a message with a bad signature; dropped", self.id)
+            return None
+        header, parent, metadata, content = (json.loads(p) for p in parts)
+        return {
+            "header": header,
+            "parent_header": parent,
+            "metadata": metadata,
+            "content": content,
+            "buffers": frames[i + 6 :],
+        }
+
+    async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                msg = self._unpack(frames)
+                if msg is None:
+                    continue
+                if channel == "iopub":
+                    msg_type = msg["header"].get("msg_type")
+                    if not self._iopub_live.is_set():
+                        self._iopub_live.set()
+                    if msg_type == "iopub_welcome":
+                        continue  # about our own subscription, not for clients
+                listener = self._listener
+                if listener is not None:
+                    listener(channel, msg)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            return
+        except Exception:
+            log.exception("kernel %s: reading %s failed", self.id, channel)

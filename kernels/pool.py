@@ -1,0 +1,182 @@
+"""A warm pool of started kernels, bounded by the node's kernel limit.
+
+`acquire` hands out a kernel whose IOPub is already proven live, so attaching one to a
+session costs nothing. The pool refills in the background; when it is empty the caller
+waits (FIFO) for a bounded time, and when the node is at its limit it is told so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from kernels.kernel import Kernel, KernelSpec, KernelStartError
+
+log = logging.getLogger(__name__)
+
+
+class PoolExhausted(Exception):
+    """No kernel became free in time: the node is at its kernel limit or too slow."""
+
+
+Starter = Callable[[KernelSpec], Awaitable[Kernel]]
+
+
+class KernelPool:
+    def __init__(
+        self,
+        specs: dict[str, KernelSpec],
+        size: int = 2,
+        max_kernels: int = 50,
+        starter: Starter = Kernel.start,
+    ) -> None:
+        self.specs = specs
+        self.size = size
+        self.max_kernels = max_kernels
+        self._starter = starter
+        self._warm: dict[str, deque[Kernel]] = {name: deque() for name in specs}
+        self._starting: dict[str, int] = dict.fromkeys(specs, 0)
+        self._waiting: dict[str, int] = dict.fromkeys(specs, 0)
+        self._attached: set[Kernel] = set()
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.last_error: str | None = None
+        self.failures_in_row = 0
+        self.start_seconds: deque[float] = deque(maxlen=50)
+
+    # -- accounting -------------------------------------------------------------
+
+    @property
+    def total(self) -> int:
+        warm = sum(len(q) for q in self._warm.values())
+        return warm + sum(self._starting.values()) + len(self._attached)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "warm": sum(len(q) for q in self._warm.values()),
+            "starting": sum(self._starting.values()),
+            "attached": len(self._attached),
+        }
+
+    @property
+    def healthy(self) -> bool:
+        # Three failed starts in a row and nothing warm: this node cannot serve.
+        return not self._closed and (self.failures_in_row < 3 or self.counts()["warm"] > 0)
+
+    # -- filling ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for name in self.specs:
+            self._fill(name)
+
+    def _fill(self, name: str) -> None:
+        if self._closed:
+            return
+        wanted = self.size + self._waiting[name]
+        while len(self._warm[name]) + self._starting[name] < wanted and self.total < self.max_kernels:
+            self._starting[name] += 1
+            task = asyncio.create_task(self._start_one(name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _start_one(self, name: str) -> None:
+        began = time.monotonic()
+        kernel: Kernel | None = None
+        try:
+            kernel = await self._starter(self.specs[name])
+        except KernelStartError as exc:
+            self.failures_in_row += 1
+            self.last_error = str(exc)
+            log.error("%s", exc)
+        except Exception as exc:
+            self.failures_in_row += 1
+            self.last_error = repr(exc)
+            log.exception("kernel start failed")
+        finally:
+            self._starting[name] -= 1
+        if kernel is None:
+            # Back off so that a broken kernel spec does not spin a core.
+            await asyncio.sleep(min(10.0, 0.5 * 2**self.failures_in_row))
+            self._fill(name)
+            return
+        self.failures_in_row = 0
+        self.start_seconds.append(time.monotonic() - began)
+        if self._closed:
+            await kernel.shutdown()
+            return
+        kernel.on_exit(self._lost)
+        self._warm[name].append(kernel)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _lost(self, kernel: Kernel) -> None:
+        """A warm kernel died before anyone took it: forget it and start another."""
+        queue = self._warm.get(kernel.name)
+        if queue is not None and kernel in queue:
+            queue.remove(kernel)
+            self._spawn(kernel.shutdown())
+            self._fill(kernel.name)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- handing out ------------------------------------------------------------
+
+    async def acquire(self, name: str, timeout: float) -> Kernel:
+        """A live kernel of `name`, taken out of the pool; raises PoolExhausted."""
+        if name not in self.specs:
+            raise KeyError(name)
+        deadline = time.monotonic() + timeout
+        self._waiting[name] += 1
+        try:
+            async with self._changed:
+                while True:
+                    queue = self._warm[name]
+                    while queue:
+                        kernel = queue.popleft()
+                        if kernel.alive:
+                            self._attached.add(kernel)
+                            return kernel
+                        self._spawn(kernel.shutdown())
+                    self._fill(name)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise PoolExhausted(self._why())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+        finally:
+            self._waiting[name] -= 1
+            self._fill(name)
+
+    def _why(self) -> str:
+        if self.total >= self.max_kernels:
+            return f"this node runs its limit of {self.max_kernels} kernels"
+        if self.last_error and self.failures_in_row:
+            return f"kernels fail to start: {self.last_error}"
+        return "no kernel became ready in time"
+
+    async def release(self, kernel: Kernel) -> None:
+        """End an attached kernel and free its place."""
+        self._attached.discard(kernel)
+        await kernel.shutdown()
+        self._fill(kernel.name)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        self._closed = True
+        kernels = [k for q in self._warm.values() for k in q] + list(self._attached)
+        for q in self._warm.values():
+            q.clear()
+        self._attached.clear()
+        await asyncio.gather(*(k.shutdown() for k in kernels), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

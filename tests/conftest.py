@@ -1,0 +1,121 @@
+"""Shared fixtures: one warm kernel pool for the whole run, gateways on free ports.
+
+A kernel costs about half a second of CPU to start, so every gateway started here
+draws from the same pool unless a test is about the pool itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.client import Client
+from gateway.config import Config
+from gateway.sessions import SessionManager
+from kernels.kernel import KernelSpec
+from kernels.pool import KernelPool
+
+TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
+
+
+@dataclass
+class Gateway:
+    server: TestServer
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def manager(self) -> SessionManager:
+        return self.server.app["manager"]
+
+    async def end_sessions(self) -> None:
+        await asyncio.gather(*(s.end("shutdown", "test over") for s in list(self.manager.sessions.values())))
+
+
+@pytest.fixture(scope="session")
+def kernel_root() -> str:
+    return tempfile.mkdtemp(prefix="cellgate-test-kernels-")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def pool(kernel_root: str) -> AsyncIterator[KernelPool]:
+    p = KernelPool({"python3": KernelSpec(workdir_root=kernel_root)}, size=2, max_kernels=16)
+    p.start()
+    yield p
+    await p.close()
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def start_gateway(pool: KernelPool, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    async def start(kernel_pool: KernelPool | None = None, **overrides: Any) -> Gateway:
+        settings: dict[str, Any] = {
+            "store_dir": str(tmp_path_factory.mktemp("store")),
+            "sessions_per_client": 50,
+            **overrides,
+        }
+        config = Config(**settings)
+        server = TestServer(create_app(config, pool=kernel_pool or pool), host="127.0.0.1", port=0)
+        await server.start_server()
+        gw = Gateway(server, config)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        with contextlib.suppress(Exception):
+            await gw.end_sessions()
+        await gw.server.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shared_gateway(start_gateway: GatewayFactory) -> Gateway:
+    return await start_gateway()
+
+
+@pytest_asyncio.fixture
+async def gw(shared_gateway: Gateway) -> AsyncIterator[Gateway]:
+    """The shared gateway; every session a test opened is ended after it."""
+    yield shared_gateway
+    await shared_gateway.end_sessions()
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> list[str]:
+    return TRANSPORTS[request.param]
+
+
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest_asyncio.fixture
+async def connect(gw: Gateway, transport: list[str]) -> AsyncIterator[ClientFactory]:
+    """Open a client on the shared gateway over the test's transport."""
+    clients: list[Client] = []
+
+    async def make(gateway: Gateway | None = None, connect: bool = True, **kwargs: Any) -> Client:
+        c = Client((gateway or gw).url, transports=kwargs.pop("transports", transport), timeout=20, **kwargs)
+        clients.append(c)
+        if connect:
+            await c.connect()
+        return c
+
+    yield make
+    for c in clients:
+        await c.drop()
