@@ -19,8 +19,15 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     # aiohttp's access log would print query strings, and polling URLs carry sids.
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None,
-                print=lambda msg: logging.getLogger("gateway").info("%s", msg.strip()))
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        access_log=None,
+        # A client that gives up on a long-poll frees its handler at once.
+        handler_cancellation=True,
+        print=lambda msg: logging.getLogger("gateway").info("%s", msg.strip()),
+    )
 
 
 if __name__ == "__main__":

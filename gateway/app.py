@@ -49,6 +49,11 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
 
     async def stop(app: web.Application) -> None:
         await manager.close()
+        # Close every engine.io socket properly, so that pending long-poll requests are
+        # answered now rather than holding the shutdown until their ping timeout.
+        for sock in list(sio.eio.sockets.values()):
+            await sock.close(wait=False)
+        await sio.shutdown()
         await manager.registry.close()
         await manager.store.close()
         if owns_pool:

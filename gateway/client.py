@@ -22,6 +22,17 @@ import socketio
 Event = tuple[str, dict[str, Any]]
 
 
+class _SocketIO(socketio.AsyncClient):
+    async def disconnect(self) -> None:
+        # On polling, engine.io's client waits for its pending long-poll GET, which the
+        # server answers only at its next ping (25 s): wait a moment, not that long.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(super().disconnect(), 0.5)
+        http = getattr(self.eio, "http", None)
+        if http is not None and not http.closed:
+            await http.close()
+
+
 class Refused(Exception):
     """The server refused a connection or a message; `code` is a contract error code."""
 
@@ -136,7 +147,7 @@ class Client:
         return await self._connect(auth)
 
     async def _connect(self, auth: dict[str, Any]) -> dict[str, Any]:
-        sio = socketio.AsyncClient(reconnection=False)
+        sio = _SocketIO(reconnection=False)
         self._session_event.clear()
         self._refusal = None
 
@@ -190,13 +201,8 @@ class Client:
         """Close this connection without ending the session (it can be resumed)."""
         if self.sio is not None:
             sio, self.sio = self.sio, None
-            # On polling, engine.io's client waits for its pending long-poll GET, which
-            # the server only answers at the next ping: do not wait more than a moment.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sio.disconnect(), 1.0)
-            http = getattr(sio.eio, "http", None)
-            if http is not None and not http.closed:
-                await http.close()
+                await sio.disconnect()
 
     async def __aenter__(self) -> Client:
         if self.sio is None:

@@ -58,7 +58,8 @@ class Session:
         self.last_activity = self.created
         self.disconnected_at: float | None = self.created
         self.ended = False
-        self._ending = False
+        self._ending = False  # no new work accepted
+        self._closing = False  # end() has begun
         self._seq = 0  # used only when not logged
         self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._emit_lock = asyncio.Lock()
@@ -397,16 +398,16 @@ class Session:
                 await self.end("timed_out", "disconnected")
 
     async def end(self, state: str, reason: str) -> None:
-        """End the session: tell the client, reclaim the kernel, forget the token."""
-        if self.ended:
+        """End the session: reclaim the kernel, tell the client, forget the token."""
+        if self._closing:
             return
-        self._ending = True
-        self.publish("kernel", {"state": state, "reason": reason})
-        await self.flush()
-        self.ended = True
+        self._closing = self._ending = True
         kernel, self.kernel = self.kernel, None
         if kernel is not None:
             await self.manager.pool.release(kernel)
+        self.publish("kernel", {"state": state, "reason": reason})
+        await self.flush()
+        self.ended = True
         await self.manager.forget(self)
         sink, self.sink = self.sink, None
         if sink is not None:

@@ -19,11 +19,22 @@ log = logging.getLogger(__name__)
 
 
 class Server(socketio.AsyncServer):
-    """An AsyncServer with a hook that runs once a connection is fully accepted.
+    """An AsyncServer with two fixes for our needs.
 
-    Events emitted from inside the connect handler would reach the client before the
-    CONNECT packet, so the `session` greeting and any replay are sent from here.
+    A `connected` event runs once a connection is fully accepted: events emitted from
+    inside the connect handler would reach the client before the CONNECT packet, so
+    the `session` greeting and any replay are sent from there.
+
+    When a polling client closes, engine.io marks the socket closed but leaves the
+    client's pending long-poll GET waiting until its ping timeout (45 s), which holds
+    the client's disconnect and the server's shutdown that long. We answer it at once.
     """
+
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        await super()._handle_eio_disconnect(eio_sid, reason)
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None and not sock.upgraded:
+            sock.queue.put_nowait(None)  # wakes the pending poll, which returns empty
 
     async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
         await super()._handle_connect(eio_sid, namespace, data)
@@ -31,6 +42,31 @@ class Server(socketio.AsyncServer):
         sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
         if sid is not None and self.manager.is_connected(sid, namespace):
             await self._trigger_event("connected", namespace, sid)
+
+
+class _WholeBody:
+    """engine.io's aiohttp driver reads a polling POST with `content.read(length)`,
+    which returns only what has arrived so far: a large message would be cut and fail
+    to parse. This reads the whole body (bounded by the app's client_max_size)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+
+    async def read(self, length: int = -1) -> bytes:
+        return await self._request.read()
+
+
+def _read_whole_bodies(sio: socketio.AsyncServer) -> None:
+    driver = dict(sio.eio._async)  # a copy: the module's dict is shared by every server
+    translate = driver["translate_request"]
+
+    def translate_request(request: web.Request) -> dict[str, Any]:
+        environ = translate(request)
+        environ["wsgi.input"] = _WholeBody(request)
+        return environ
+
+    driver["translate_request"] = translate_request
+    sio.eio._async = driver
 
 
 class SocketSink:
@@ -68,9 +104,15 @@ def create_server(config: Config, manager: SessionManager) -> Server:
         logger=False,
         engineio_logger=False,
     )
+    _read_whole_bodies(sio)
     connections: dict[str, Connection] = {}
 
-    def fail(exc: CellgateError) -> dict[str, Any]:
+    def fail(exc: CellgateError, data: Any = None) -> dict[str, Any]:
+        # Name the message the error is about, when the client gave it an id.
+        if "msg_id" not in exc.extra and isinstance(data, dict) and isinstance(data.get("header"), dict):
+            msg_id = data["header"].get("msg_id")
+            if isinstance(msg_id, str):
+                exc.extra["msg_id"] = msg_id
         manager.metrics.errors.labels(exc.code).inc()
         return exc.ack()
 
@@ -122,11 +164,7 @@ def create_server(config: Config, manager: SessionManager) -> Server:
             msg = validate(channel, data, config.message_limit, conn.session.id)
             await conn.session.to_kernel(channel, msg)
         except CellgateError as exc:
-            if "msg_id" not in exc.extra and isinstance(data, dict) and isinstance(data.get("header"), dict):
-                msg_id = data["header"].get("msg_id")
-                if isinstance(msg_id, str):
-                    exc.extra["msg_id"] = msg_id
-            return fail(exc)
+            return fail(exc, data)
         return {"ok": True, "msg_id": msg["header"]["msg_id"]}
 
     @sio.on("shell")
@@ -159,7 +197,7 @@ def create_server(config: Config, manager: SessionManager) -> Server:
 
     @sio.on("*")
     async def other(event: str, sid: str, data: Any = None) -> dict[str, Any]:
-        return fail(CellgateError("bad_channel", f"no event {event!r}; send shell, stdin, control or upload"))
+        return fail(CellgateError("bad_channel", f"no event {event!r}; send shell, stdin, control or upload"), data)
 
     sio.connections = connections  # type: ignore[attr-defined]  # for /health and tests
     return sio

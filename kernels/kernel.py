@@ -51,6 +51,15 @@ class KernelSpec:
     start_timeout: float = 60.0
 
 
+async def _handshake(sock: zmq.asyncio.Socket) -> None:
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        await monitor.recv_multipart()
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -111,6 +120,7 @@ class Kernel:
     async def _connect(self) -> None:
         info = self._manager.get_connection_info()
         base = f"{info['transport']}://{info['ip']}"
+        handshakes = []
         for channel in CHANNELS:
             kind = zmq.SUB if channel == "iopub" else zmq.DEALER
             sock = self._ctx.socket(kind)
@@ -119,11 +129,15 @@ class Kernel:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             else:
                 sock.setsockopt(zmq.IDENTITY, self._session.bsession)
+                # The kernel's ROUTER drops what it sends to a peer whose handshake is
+                # not done (an input_request, say): wait for every handshake.
+                handshakes.append(_handshake(sock))
             sep = "-" if info["transport"] == "ipc" else ":"
             sock.connect(f"{base}{sep}{info[channel + '_port']}")
             self._sockets[channel] = sock
             self._tasks.append(asyncio.create_task(self._read(channel, sock)))
         self._tasks.append(asyncio.create_task(self._watch()))
+        await asyncio.gather(*handshakes)
         # ZMQ's slow joiner: a SUB socket misses whatever is published before its
         # subscription reaches the kernel. ipykernel 7 greets each new subscriber with
         # iopub_welcome; older kernels answer kernel_info with a status on IOPub.
@@ -244,7 +258,10 @@ class Kernel:
         try:
             while True:
                 frames = await sock.recv_multipart()
-                msg = self._unpack(frames)
+                try:
+                    msg = self._unpack(frames)
+                except ValueError:  # not JSON: a broken or hostile kernel
+                    msg = None
                 if msg is None:
                     continue
                 if channel == "iopub":
@@ -254,9 +271,11 @@ class Kernel:
                     if msg_type == "iopub_welcome":
                         continue  # about our own subscription, not for clients
                 listener = self._listener
-                if listener is not None:
+                if listener is None:
+                    continue
+                try:
                     listener(channel, msg)
+                except Exception:  # one bad message must not stop the channel
+                    log.exception("kernel %s: handling a %s message failed", self.id, channel)
         except (asyncio.CancelledError, zmq.ZMQError):
             return
-        except Exception:
-            log.exception("kernel %s: reading %s failed", self.id, channel)

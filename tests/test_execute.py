@@ -172,8 +172,12 @@ async def test_several_requests_per_socket_in_order(connect: ClientFactory) -> N
         msg = make_message("execute_request", {"code": f"print({i})", "silent": False})
         await c.send("shell", msg)
         ids.append(msg["header"]["msg_id"])
-    _, last = await c.wait_for(
-        lambda e, d: e == "shell" and d["parent_header"].get("msg_id") == ids[-1], timeout=20
+    # Channels are not ordered with each other: the last idle status on IOPub comes
+    # after all IOPub output of that request, its shell reply may come before.
+    await c.wait_for(
+        lambda e, d: e == "iopub" and d["parent_header"].get("msg_id") == ids[-1]
+        and d["header"]["msg_type"] == "status" and d["content"]["execution_state"] == "idle",
+        timeout=20,
     )
     outputs = [
         d["content"]["text"] for e, d in c.events
@@ -192,3 +196,10 @@ async def test_complete_and_inspect_requests(connect: ClientFactory) -> None:
     msg_id = await c.request("shell", "inspect_request", {"code": "math.sqrt", "cursor_pos": 9, "detail_level": 0})
     _, reply = await c.wait_for(lambda e, d: e == "shell" and d["parent_header"].get("msg_id") == msg_id)
     assert reply["content"]["found"] is True
+
+
+async def test_large_message_under_the_limit_arrives_whole(connect: ClientFactory, gw: Gateway) -> None:
+    c = await connect()
+    size = gw.config.message_limit - 4096
+    run = await c.execute(f"s = '{'q' * size}'\nlen(s)", timeout=30)
+    assert run.result == {"text/plain": str(size)}

@@ -1,0 +1,94 @@
+"""The backend interfaces: every registry and every blob store passes the same tests.
+
+The embedded backends (memory registry, local directory store) run here; other
+backends join the parametrization when they exist.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.registry import MemoryRegistry, SessionRecord, SessionRegistry
+from gateway.registry.base import new_token, token_digest
+from gateway.stores import BlobStore, LocalStore
+
+
+@pytest.fixture(params=["memory"])
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[SessionRegistry]:
+    reg = MemoryRegistry(replay_limit=5)
+    yield reg
+    await reg.close()
+
+
+@pytest.fixture(params=["local"])
+async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[BlobStore]:
+    s = LocalStore(str(tmp_path / "blobs"))
+    yield s
+    await s.close()
+
+
+def record(token: str, client: str = "1.2.3.4") -> SessionRecord:
+    return SessionRecord(id=token[:8], token_digest=token_digest(token), epoch="e1",
+                         kernel_name="python3", client=client, created=time.time())
+
+
+async def test_registry_finds_by_token_not_by_digest(registry: SessionRegistry) -> None:
+    token = new_token()
+    await registry.create(record(token))
+    found = await registry.find(token)
+    assert found is not None and found.id == token[:8]
+    assert await registry.find(token_digest(token)) is None
+    assert await registry.find("nope") is None
+
+
+async def test_registry_counts_clients_and_deletes(registry: SessionRegistry) -> None:
+    a, b = new_token(), new_token()
+    await registry.create(record(a))
+    await registry.create(record(b))
+    assert await registry.count_client("1.2.3.4") == 2
+    await registry.delete(a[:8])
+    assert await registry.count_client("1.2.3.4") == 1
+    assert await registry.find(a) is None and await registry.get(a[:8]) is None
+
+
+async def test_registry_update(registry: SessionRegistry) -> None:
+    token = new_token()
+    rec = record(token)
+    await registry.create(rec)
+    rec.kernel_id = "k1"
+    await registry.update(rec)
+    assert (await registry.get(rec.id)).kernel_id == "k1"
+
+
+async def test_log_seqs_and_trimming(registry: SessionRegistry) -> None:
+    token = new_token()
+    rec = record(token)
+    await registry.create(rec)
+    empty = await registry.read(rec.id, 0)
+    assert (empty.first, empty.last, empty.entries) == (1, 0, [])
+    seqs = [await registry.append(rec.id, "iopub", {"n": i}) for i in range(8)]
+    assert seqs == list(range(1, 9))
+    read = await registry.read(rec.id, 0)
+    assert (read.epoch, read.first, read.last) == ("e1", 4, 8)  # replay_limit=5 keeps 4..8
+    assert [e.seq for e in read.entries] == [4, 5, 6, 7, 8]
+    assert [e.data["n"] for e in (await registry.read(rec.id, 6)).entries] == [6, 7]
+    assert (await registry.read(rec.id, 8)).entries == []
+
+
+async def test_store_roundtrip_and_missing(store: BlobStore) -> None:
+    await store.put("files/abc/x.png", b"\x89PNG", "image/png")
+    blob = await store.get("files/abc/x.png")
+    assert blob is not None and blob.data == b"\x89PNG" and blob.content_type == "image/png"
+    assert await store.get("files/abc/missing") is None
+    await store.put("files/abc/x.png", b"new", "image/png")
+    assert (await store.get("files/abc/x.png")).data == b"new"
+
+
+async def test_store_refuses_bad_keys(store: BlobStore) -> None:
+    for key in ("../etc/passwd", "files/../../x", "/abs", "files//x", "files/a b"):
+        with pytest.raises(ValueError):
+            await store.put(key, b"x", "text/plain")
+        assert await store.get(key) is None

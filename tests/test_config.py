@@ -1,0 +1,43 @@
+"""Every setting is a flag and an environment variable; --help lists them all."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from gateway.config import Config, parse
+
+
+def test_defaults_match_the_design() -> None:
+    c = parse([], environ={})
+    assert (c.host, c.port, c.pool_size, c.max_kernels) == ("127.0.0.1", 8888, 2, 50)
+    assert (c.resume_grace, c.idle_timeout, c.lifespan) == (60.0, 900.0, 1800.0)
+    assert c.sessions_per_client == 5 and c.service_timeout == 30.0
+    assert c.output_cap == c.message_limit == 1024 * 1024
+    assert (c.file_cap, c.session_file_cap) == (10 * 1024 * 1024, 50 * 1024 * 1024)
+    assert c.cors == "*"
+    assert c.transport_limit > c.message_limit
+
+
+def test_environment_then_flags() -> None:
+    env = {"CELLGATE_PORT": "9000", "CELLGATE_POOL_SIZE": "0", "CELLGATE_CORS_ORIGINS": "https://a.example"}
+    c = parse([], environ=env)
+    assert (c.port, c.pool_size, c.cors) == (9000, 0, ["https://a.example"])
+    assert parse(["--port", "9100"], environ=env).port == 9100
+
+
+def test_bad_values_are_refused_clearly() -> None:
+    with pytest.raises(SystemExit, match="CELLGATE_PORT"):
+        parse([], environ={"CELLGATE_PORT": "eighty"})
+    with pytest.raises(SystemExit, match="pool-size"):
+        parse(["--pool-size", "-1"], environ={})
+
+
+def test_help_lists_every_setting_with_its_variable() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True, check=True).stdout
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in out
+        assert "CELLGATE_" + f.name.upper() in out
