@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jupyter_client.manager import AsyncKernelManager  # noqa: E402
+from jupyter_client.manager import AsyncKernelManager
 
-from gateway.client import Client  # noqa: E402
+from gateway.client import Client
 
 FLOOD = "for i in range(20000): print(i)"
 
@@ -93,10 +93,17 @@ class Direct:
 
 
 def start_gateway(port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CELLGATE_PORT": str(port), "CELLGATE_POOL_SIZE": "2", "CELLGATE_LOG_LEVEL": "warning",
-           "CELLGATE_STORE_DIR": "/tmp/cellgate-bench-store", "CELLGATE_SESSIONS_PER_CLIENT": "100"}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway"], env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {
+        **os.environ,
+        "CELLGATE_PORT": str(port),
+        "CELLGATE_POOL_SIZE": "2",
+        "CELLGATE_LOG_LEVEL": "warning",
+        "CELLGATE_STORE_DIR": "/tmp/cellgate-bench-store",
+        "CELLGATE_SESSIONS_PER_CLIENT": "100",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway"], env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     return proc
 
 
@@ -187,8 +194,10 @@ async def main() -> None:
         ratio = f"{med / d_med:.2f}" if "1+1," in what else ""
         print(f"{what:40} {med:10.2f} {p90:9.2f} {ratio:>9}  {note}")
     fd, fc = summary(flood_direct)[0], summary(results["flood"])[0]
-    print(f"\noutput flood, 20,000 lines: direct {fd:.0f} ms, Cellgate {fc:.0f} ms "
-          f"-> Cellgate at {100 * fd / fc:.0f} % of direct (target >= 90 %)")
+    print(
+        f"\noutput flood, 20,000 lines: direct {fd:.0f} ms, Cellgate {fc:.0f} ms "
+        f"-> Cellgate at {100 * fd / fc:.0f} % of direct (target >= 90 %)"
+    )
 
 
 if __name__ == "__main__":

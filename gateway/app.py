@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.config import MiB, Config
+from gateway.config import Config, MiB
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
 from gateway.routes import add_routes, cors, json_errors

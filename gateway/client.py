@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import engineio.payload
 import socketio
 
 Event = tuple[str, dict[str, Any]]
+# A polling response holds every event queued since the last poll, often more than
+# engine.io's default decode limit of 16 packets (see gateway/sockets.py).
+engineio.payload.Payload.max_decode_packets = 100_000
+_EIO_LOG = logging.getLogger("gateway.client.transport")
+_EIO_LOG.setLevel(logging.WARNING)  # engine.io logs every packet at INFO
 
 
 class _SocketIO(socketio.AsyncClient):
@@ -126,6 +133,7 @@ class Client:
         self._changed = asyncio.Condition()
         self._session_event = asyncio.Event()
         self._refusal: dict[str, Any] | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
 
     # -- connection -------------------------------------------------------------
 
@@ -133,9 +141,7 @@ class Client:
         """Start a new session."""
         return await self._connect({"kernel": kernel} if kernel else {})
 
-    async def resume(
-        self, token: str | None = None, epoch: str | None = None, seq: int | None = -1
-    ) -> dict[str, Any]:
+    async def resume(self, token: str | None = None, epoch: str | None = None, seq: int | None = -1) -> dict[str, Any]:
         """Reconnect to a session. By default continue after the last seq seen here;
         pass seq=None to ask for no replay, or any seq to replay from there."""
         auth: dict[str, Any] = {"resume": token or self.token, "epoch": epoch or self.epoch}
@@ -147,7 +153,7 @@ class Client:
         return await self._connect(auth)
 
     async def _connect(self, auth: dict[str, Any]) -> dict[str, Any]:
-        sio = _SocketIO(reconnection=False)
+        sio = _SocketIO(reconnection=False, engineio_logger=_EIO_LOG)
         self._session_event.clear()
         self._refusal = None
 
@@ -192,7 +198,9 @@ class Client:
             self.last_seq = seq
         if event == "stdin" and data["header"]["msg_type"] == "input_request" and self.on_input:
             answer = self.on_input(data["content"])
-            asyncio.ensure_future(self.input_reply(answer, parent=data["header"]))
+            task = asyncio.ensure_future(self.input_reply(answer, parent=data["header"]))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
         async with self._changed:
             self.events.append((event, data))
             self._changed.notify_all()
@@ -218,8 +226,9 @@ class Client:
 
     # -- waiting ----------------------------------------------------------------
 
-    async def wait_for(self, match: Callable[[str, dict[str, Any]], bool], timeout: float | None = None,
-                       start: int = 0) -> Event:
+    async def wait_for(
+        self, match: Callable[[str, dict[str, Any]], bool], timeout: float | None = None, start: int = 0
+    ) -> Event:
         """The first event from index `start` on that matches, waiting if need be."""
         async with asyncio.timeout(timeout or self.timeout), self._changed:
             i = start
@@ -230,7 +239,9 @@ class Client:
                     i += 1
                 await self._changed.wait()
 
-    async def wait_event(self, event: str, timeout: float | None = None, start: int = 0, **fields: Any) -> dict[str, Any]:
+    async def wait_event(
+        self, event: str, timeout: float | None = None, start: int = 0, **fields: Any
+    ) -> dict[str, Any]:
         def match(e: str, d: dict[str, Any]) -> bool:
             return e == event and all(d.get(k) == v for k, v in fields.items())
 
@@ -254,12 +265,14 @@ class Client:
         await self.send(channel, msg)
         return msg["header"]["msg_id"]
 
-    async def execute(self, code: str, timeout: float | None = None, allow_stdin: bool = False,
-                      wait: bool = True) -> Execution:
+    async def execute(
+        self, code: str, timeout: float | None = None, allow_stdin: bool = False, wait: bool = True
+    ) -> Execution:
         """Run code; return once its execute_reply and its idle status have arrived."""
         start = len(self.events)
         msg_id = await self.request(
-            "shell", "execute_request",
+            "shell",
+            "execute_request",
             {"code": code, "silent": False, "store_history": True, "allow_stdin": allow_stdin},
         )
         run = Execution(msg_id)

@@ -14,9 +14,7 @@ class Metrics:
         r = self.registry
         self.sessions = Gauge("cellgate_sessions", "Live sessions on this node", ["state"], registry=r)
         self.kernels = Gauge("cellgate_kernels", "Kernels on this node", ["state"], registry=r)
-        self.messages = Counter(
-            "cellgate_messages_total", "Messages relayed", ["direction", "channel"], registry=r
-        )
+        self.messages = Counter("cellgate_messages_total", "Messages relayed", ["direction", "channel"], registry=r)
         self.execution = Histogram(
             "cellgate_execution_seconds",
             "execute_request to execute_reply",
@@ -24,9 +22,7 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("cellgate_errors_total", "Errors told to clients", ["code"], registry=r)
-        self.dropped = Counter(
-            "cellgate_output_dropped_bytes_total", "Stream output dropped past the cap", registry=r
-        )
+        self.dropped = Counter("cellgate_output_dropped_bytes_total", "Stream output dropped past the cap", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,8 +42,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         code = {404: "not_found", 413: "too_large", 405: "bad_message"}.get(exc.status, "bad_message")
         body = {"error": {"code": code, "message": exc.reason}}
-        return web.json_response(body, status=exc.status, headers={"Allow": exc.headers.get("Allow", "")}
-                                 if exc.status == 405 else None)
+        return web.json_response(
+            body, status=exc.status, headers={"Allow": exc.headers.get("Allow", "")} if exc.status == 405 else None
+        )
 
 
 def cors(config: Config) -> Callable[..., Any]:
@@ -153,10 +154,12 @@ async def get_permalink(request: web.Request) -> web.Response:
     return web.json_response({"id": pid, "url": manager_of(request).permalinks.url(pid), **doc})
 
 
+with open(os.path.join(STATIC, "page.html"), encoding="utf-8") as _f:
+    PAGE = _f.read()
+
+
 def _page(code: str, title: str) -> web.Response:
-    with open(os.path.join(STATIC, "page.html"), encoding="utf-8") as f:
-        template = f.read()
-    body = template.replace("{{title}}", html.escape(title)).replace("{{code}}", html.escape(code))
+    body = PAGE.replace("{{title}}", html.escape(title)).replace("{{code}}", html.escape(code))
     return web.Response(text=body, content_type="text/html")
 
 
@@ -231,4 +234,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(r"/files/{token}/{name}", get_file)
     app.router.add_get("/openapi.json", openapi_doc)
     app.router.add_static("/static/", STATIC)
-

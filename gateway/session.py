@@ -198,7 +198,9 @@ class Session:
             else:
                 kernel = self.kernel
                 if kernel is None or not kernel.alive:
-                    raise CellgateError("no_kernel", "this session has no running kernel", msg_id=msg["header"]["msg_id"])
+                    raise CellgateError(
+                        "no_kernel", "this session has no running kernel", msg_id=msg["header"]["msg_id"]
+                    )
             if msg_type == "execute_request":
                 msg_id = msg["header"]["msg_id"]
                 self._started[msg_id] = time.monotonic()
@@ -256,7 +258,9 @@ class Session:
         """Put a file in the kernel's working directory (attaching a kernel if needed)."""
         self.touch()
         if len(data) > self.config.file_cap:
-            raise CellgateError("file_too_large", f"{name}: {len(data)} bytes is over the {self.config.file_cap} byte cap")
+            raise CellgateError(
+                "file_too_large", f"{name}: {len(data)} bytes is over the {self.config.file_cap} byte cap"
+            )
         async with self._send_lock:
             kernel = await self._ensure_kernel()
         async with self._harvest_lock:
@@ -307,8 +311,7 @@ class Session:
             "error",
             {
                 "code": "output_capped",
-                "message": f"output of this execution passed {self.config.output_cap} bytes; "
-                "further output is dropped",
+                "message": f"output of this execution passed {self.config.output_cap} bytes; further output is dropped",
                 "msg_id": parent,
             },
         )
@@ -460,4 +463,3 @@ def _mergeable(prev: tuple[str, Any], msg: dict[str, Any]) -> bool:
         and last["content"].get("name") == msg["content"].get("name")
         and len(last["content"].get("text", "")) + len(msg["content"].get("text", "")) <= STREAM_MERGE_MAX
     )
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import engineio.payload
 import socketio
 from aiohttp import web
 
@@ -16,6 +17,12 @@ from gateway.session import Session
 from gateway.sessions import SessionManager
 
 log = logging.getLogger(__name__)
+
+# engine.io refuses a polling payload of more than 16 packets and drops the connection.
+# A busy session queues more than 16 events between two polls, and a browser batches
+# every queued emit into one POST; the payload's size is already bounded by
+# max_http_buffer_size, so the count limit only breaks honest clients.
+engineio.payload.Payload.max_decode_packets = 100_000
 
 
 class Server(socketio.AsyncServer):
@@ -29,6 +36,15 @@ class Server(socketio.AsyncServer):
     client's pending long-poll GET waiting until its ping timeout (45 s), which holds
     the client's disconnect and the server's shutdown that long. We answer it at once.
     """
+
+    async def send_event(self, sid: str, event: str, data: dict[str, Any]) -> None:
+        """Emit to one client. `emit(to=sid)` spawns and awaits a task per recipient;
+        on the hot path of every kernel message we send the packet directly."""
+        eio_sid = self.manager.eio_sid_from_sid(sid, "/")
+        if eio_sid is not None:
+            await self._send_packet(
+                eio_sid, self.packet_class(socketio.packet.EVENT, namespace="/", data=[event, data])
+            )
 
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         await super()._handle_eio_disconnect(eio_sid, reason)
@@ -70,12 +86,12 @@ def _read_whole_bodies(sio: socketio.AsyncServer) -> None:
 
 
 class SocketSink:
-    def __init__(self, sio: socketio.AsyncServer, sid: str) -> None:
+    def __init__(self, sio: Server, sid: str) -> None:
         self.sio = sio
         self.sid = sid
 
     async def send(self, event: str, data: dict[str, Any]) -> None:
-        await self.sio.emit(event, data, to=self.sid)
+        await self.sio.send_event(self.sid, event, data)
 
     async def close(self, reason: str) -> None:
         await self.sio.disconnect(self.sid)

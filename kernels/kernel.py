@@ -8,6 +8,7 @@ its ZMQ sockets and its HMAC key stays in this module: the key never leaves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -98,15 +99,13 @@ class Kernel:
         os.mkdir(statedir, 0o700)
         # IPC sockets live in the kernel's own directory: no ports to race for on a
         # busy node, nothing reachable over the network.
-        manager = AsyncKernelManager(
-            kernel_name=spec.name, transport="ipc", ip=os.path.join(statedir, "zmq")
-        )
+        manager = AsyncKernelManager(kernel_name=spec.name, transport="ipc", ip=os.path.join(statedir, "zmq"))
         env = kernel_environment(workdir, statedir, shared_cache)
         try:
-            await manager.start_kernel(
-                cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"]
-            )
+            await manager.start_kernel(cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"])
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                await manager.cleanup_resources()  # the control socket it may have opened
             shutil.rmtree(home, ignore_errors=True)
             raise KernelStartError(f"kernel {spec.name!r} failed to start: {exc}") from exc
         kernel = cls(spec, manager, home)
@@ -223,7 +222,9 @@ class Kernel:
             json.dumps(msg.get("content") or {}).encode(),
         ]
         frames: list[Any] = [DELIM, self._sign(parts), *parts, *msg.get("buffers", ())]
-        self._sockets[channel].send_multipart(frames, copy=False)
+        # copy=True: messages are small, and zero-copy sends would need pyzmq's
+        # garbage-collector thread, which can hold up the process at exit.
+        self._sockets[channel].send_multipart(frames)
 
     def _sign(self, parts: list[bytes]) -> bytes:
         auth = self._session.auth

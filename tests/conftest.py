@@ -71,7 +71,7 @@ async def start_gateway(pool: KernelPool, tmp_path_factory: pytest.TempPathFacto
             **overrides,
         }
         config = Config(**settings)
-        server = TestServer(create_app(config, pool=kernel_pool or pool), host="127.0.0.1", port=0, handler_cancellation=True)
+        server = TestServer(create_app(config, pool=kernel_pool or pool), host="127.0.0.1", port=0)
         await server.start_server()
         gw = Gateway(server, config)
         started.append(gw)

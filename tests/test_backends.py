@@ -31,8 +31,14 @@ async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[BlobS
 
 
 def record(token: str, client: str = "1.2.3.4") -> SessionRecord:
-    return SessionRecord(id=token[:8], token_digest=token_digest(token), epoch="e1",
-                         kernel_name="python3", client=client, created=time.time())
+    return SessionRecord(
+        id=token[:8],
+        token_digest=token_digest(token),
+        epoch="e1",
+        kernel_name="python3",
+        client=client,
+        created=time.time(),
+    )
 
 
 async def test_registry_finds_by_token_not_by_digest(registry: SessionRegistry) -> None:

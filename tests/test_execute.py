@@ -93,9 +93,7 @@ async def test_binary_buffers_travel_both_ways(connect: ClientFactory) -> None:
     await c.request("shell", "comm_open", {"comm_id": "c1", "target_name": "echo", "data": {}})
     start = len(c.events)
     await c.comm_msg("c1", {"hello": 1}, buffers=[b"\x00\x01\x02abc"])
-    _, reply = await c.wait_for(
-        lambda e, d: e == "iopub" and d["header"]["msg_type"] == "comm_msg", start=start
-    )
+    _, reply = await c.wait_for(lambda e, d: e == "iopub" and d["header"]["msg_type"] == "comm_msg", start=start)
     assert reply["content"]["data"] == {"got": 1}
     assert reply["buffers"] == [b"cba\x02\x01\x00"]
 
@@ -175,14 +173,15 @@ async def test_several_requests_per_socket_in_order(connect: ClientFactory) -> N
     # Channels are not ordered with each other: the last idle status on IOPub comes
     # after all IOPub output of that request, its shell reply may come before.
     await c.wait_for(
-        lambda e, d: e == "iopub" and d["parent_header"].get("msg_id") == ids[-1]
-        and d["header"]["msg_type"] == "status" and d["content"]["execution_state"] == "idle",
+        lambda e, d: (
+            e == "iopub"
+            and d["parent_header"].get("msg_id") == ids[-1]
+            and d["header"]["msg_type"] == "status"
+            and d["content"]["execution_state"] == "idle"
+        ),
         timeout=20,
     )
-    outputs = [
-        d["content"]["text"] for e, d in c.events
-        if e == "iopub" and d["header"]["msg_type"] == "stream"
-    ]
+    outputs = [d["content"]["text"] for e, d in c.events if e == "iopub" and d["header"]["msg_type"] == "stream"]
     assert "".join(outputs) == "0\n1\n2\n3\n4\n"
 
 
@@ -203,3 +202,25 @@ async def test_large_message_under_the_limit_arrives_whole(connect: ClientFactor
     size = gw.config.message_limit - 4096
     run = await c.execute(f"s = '{'q' * size}'\nlen(s)", timeout=30)
     assert run.result == {"text/plain": str(size)}
+
+
+async def test_bursts_of_events_arrive_whole(connect: ClientFactory) -> None:
+    # Many events queue up between two polls; all of them must arrive.
+    c = await connect()
+    run = await c.execute("from IPython.display import display\nfor i in range(300): display(i)", timeout=60)
+    assert [d["data"]["text/plain"] for d in run.displays] == [str(i) for i in range(300)]
+    # And many emits batched by the client into one request.
+    await c.execute("import ipywidgets as w\ns = w.IntSlider()\ns")
+    slider = next(
+        d["content"]["comm_id"]
+        for e, d in c.events
+        if e == "iopub"
+        and d["header"]["msg_type"] == "comm_open"
+        and d["content"]["data"]["state"].get("_model_name") == "IntSliderModel"
+    )
+    ids = []
+    for v in range(40):
+        msg = make_message("comm_msg", {"comm_id": slider, "data": {"method": "update", "state": {"value": v}}})
+        ids.append(msg["header"]["msg_id"])
+        await c.sio.emit("shell", msg)
+    assert (await c.execute("s.value", timeout=30)).result == {"text/plain": "39"}

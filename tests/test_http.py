@@ -20,15 +20,22 @@ async def http(gw: Gateway) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def test_service_runs_code_and_returns_everything(http: aiohttp.ClientSession) -> None:
-    r = await http.post("/service", json={"code": "import sys\nprint('out')\nprint('err', file=sys.stderr)\n"
-                                                  "open('r.txt','w').write('file!')\n40 + 2"})
+    r = await http.post(
+        "/service",
+        json={
+            "code": "import sys\nprint('out')\nprint('err', file=sys.stderr)\nopen('r.txt','w').write('file!')\n40 + 2"
+        },
+    )
     assert r.status == 200
     body = await r.json()
     assert body["success"] is True
     assert body["stdout"] == "out\n" and body["stderr"] == "err\n"
-    assert {"msg_type": "execute_result", "content": {"data": {"text/plain": "42"}, "metadata": {},
-                                                      "execution_count": 0}} in body["outputs"] or any(
-        o["msg_type"] == "execute_result" and o["content"]["data"]["text/plain"] == "42" for o in body["outputs"])
+    assert {
+        "msg_type": "execute_result",
+        "content": {"data": {"text/plain": "42"}, "metadata": {}, "execution_count": 0},
+    } in body["outputs"] or any(
+        o["msg_type"] == "execute_result" and o["content"]["data"]["text/plain"] == "42" for o in body["outputs"]
+    )
     assert [f["name"] for f in body["files"]] == ["r.txt"]
     got = await http.get(body["files"][0]["url"])
     assert await got.read() == b"file!"
@@ -163,7 +170,8 @@ async def test_openapi_describes_every_route(http: aiohttp.ClientSession, gw: Ga
     doc = await (await http.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
     routes = {
-        r.resource.canonical for r in gw.server.app.router.routes()
+        r.resource.canonical
+        for r in gw.server.app.router.routes()
         if r.resource is not None and not r.resource.canonical.startswith(("/socket.io", "/static"))
     }
     assert routes <= set(doc["paths"]), routes - set(doc["paths"])
@@ -177,7 +185,9 @@ async def test_index_page_and_static(http: aiohttp.ClientSession) -> None:
 
 
 async def test_cors_is_open_by_default(http: aiohttp.ClientSession) -> None:
-    r = await http.options("/service", headers={"Origin": "https://blog.example", "Access-Control-Request-Method": "POST"})
+    r = await http.options(
+        "/service", headers={"Origin": "https://blog.example", "Access-Control-Request-Method": "POST"}
+    )
     assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
     r = await http.get("/health", headers={"Origin": "https://blog.example"})
     assert r.headers["Access-Control-Allow-Origin"] == "*"

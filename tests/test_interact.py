@@ -8,16 +8,15 @@ from tests.conftest import ClientFactory
 async def test_interact_slider_reruns_function(connect: ClientFactory) -> None:
     c = await connect()
     run = await c.execute(
-        "from ipywidgets import interact\n"
-        "@interact(x=5)\n"
-        "def f(x):\n"
-        "    print('value', x * 2)\n",
+        "from ipywidgets import interact\n@interact(x=5)\ndef f(x):\n    print('value', x * 2)\n",
         timeout=60,
     )
     assert run.reply["status"] == "ok"
     opens = [
-        d for e, d in c.events
-        if e == "iopub" and d["header"]["msg_type"] == "comm_open"
+        d
+        for e, d in c.events
+        if e == "iopub"
+        and d["header"]["msg_type"] == "comm_open"
         and d["content"]["data"].get("state", {}).get("_model_name") == "IntSliderModel"
     ]
     assert len(opens) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+
 from gateway.client import Client
 from tests.conftest import ClientFactory, GatewayFactory
 
@@ -50,9 +51,7 @@ async def test_flood_does_not_starve_another_session(start_gateway: GatewayFacto
 
 async def test_interrupt_works_during_a_flood(connect: ClientFactory) -> None:
     c = await connect()
-    run = await c.execute(
-        "import time\nt = time.time()\nwhile time.time() - t < 30: print('x')", wait=False
-    )
+    run = await c.execute("import time\nt = time.time()\nwhile time.time() - t < 30: print('x')", wait=False)
     await c.wait_for(lambda e, d: e == "iopub" and d["header"]["msg_type"] == "stream", timeout=10)
     await c.interrupt()
     await c.finish(run, timeout=20)

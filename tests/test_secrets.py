@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 
 from tests.conftest import ClientFactory, Gateway
 
 
-async def test_kernel_environment_has_no_server_secrets(connect: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_kernel_environment_has_no_server_secrets(
+    connect: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Set before the kernel starts: the shared pool may already hold warm kernels, so
     # check the allow-list itself and a kernel's real environment.
     from kernels.environment import kernel_environment
@@ -35,7 +36,9 @@ async def test_kernel_never_gets_its_key_to_the_client(connect: ClientFactory, g
     assert all(key not in repr(d) for _, d in c.events)
 
 
-async def test_logs_never_contain_tokens_or_keys(connect: ClientFactory, gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+async def test_logs_never_contain_tokens_or_keys(
+    connect: ClientFactory, gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     c = await connect()
     await c.execute("import os; os._exit(1)", wait=False)
