@@ -26,7 +26,7 @@ Event = tuple[str, dict[str, Any]]
 # engine.io's default decode limit of 16 packets (see gateway/sockets.py).
 engineio.payload.Payload.max_decode_packets = 100_000
 _EIO_LOG = logging.getLogger("gateway.client.transport")
-_EIO_LOG.setLevel(logging.WARNING)  # engine.io logs every packet at INFO
+_EIO_LOG.setLevel(logging.ERROR)  # engine.io logs every packet at INFO, a normal close at WARNING
 
 
 class _SocketIO(socketio.AsyncClient):
