@@ -235,11 +235,6 @@ class Session:
         self.publish("kernel", event)
         return kernel
 
-    async def interrupt(self) -> None:
-        if self.kernel is None or not self.kernel.alive:
-            raise CellgateError("no_kernel", "this session has no running kernel")
-        await self.kernel.interrupt()
-
     def _shutdown_requested(self, msg: dict[str, Any]) -> None:
         self._ending = True
         kernel = self.kernel

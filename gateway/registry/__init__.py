@@ -1,10 +1,17 @@
 """Session registries: one interface, chosen by config."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from gateway.registry.base import LogEntry, LogRead, SessionRecord, SessionRegistry
 from gateway.registry.memory import MemoryRegistry
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 __all__ = ["LogEntry", "LogRead", "MemoryRegistry", "SessionRecord", "SessionRegistry", "create_registry"]
 
 
-def create_registry(config) -> SessionRegistry:  # type: ignore[no-untyped-def]
+def create_registry(config: Config) -> SessionRegistry:
     return MemoryRegistry(replay_limit=config.replay_limit)
