@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
+import tenacity
+
 from gateway import workdir
 from gateway.errors import CellgateError
 from gateway.registry import SessionRecord
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAM_MERGE_MAX = 64 * 1024
+STORE_RETRIES = 6  # about 15 s of backoff before a file is given up
 CAPPED_TYPES = frozenset({"stream", "display_data", "update_display_data"})
 SAFE_KEY = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -335,10 +338,10 @@ class Session:
             self._files = found
             if not changed or self.ended:
                 return
-            entries = [await self._store_file(kernel, name) for name in changed]
+            entries = [await self._store_file(kernel, name, msg_id) for name in changed]
         self.publish("files", {"msg_id": msg_id, "files": entries})
 
-    async def _store_file(self, kernel: Kernel, name: str) -> dict[str, Any]:
+    async def _store_file(self, kernel: Kernel, name: str, msg_id: str) -> dict[str, Any]:
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         entry: dict[str, Any] = {"name": name, "url": None, "size": None, "mime": mime}
         room = min(self.config.file_cap, self.config.session_file_cap - self.file_bytes)
@@ -356,15 +359,38 @@ class Session:
             return entry
         entry["size"] = len(data)
         key = f"files/{secrets.token_urlsafe(16)}/{SAFE_KEY.sub('_', name.rsplit('/', 1)[-1]) or 'file'}"
+        self.file_bytes += len(data)  # reserved now, so retries cannot overshoot the cap
         try:
             await self.manager.store.put(key, data, mime)
         except Exception as exc:
-            log.warning("session %s: storing %s failed: %s", self.id, name, exc)
-            entry["error"] = {"code": "store_failed", "message": "the file could not be stored"}
+            log.warning("session %s: storing %s failed, will retry: %s", self.id, name, exc)
+            entry["error"] = {"code": "store_failed", "message": "the file could not be stored yet; retrying"}
+            self._spawn(self._store_later(msg_id, key, data, dict(entry)))
             return entry
-        self.file_bytes += len(data)
         entry["url"] = self.manager.file_url(key)
         return entry
+
+    async def _store_later(self, msg_id: str, key: str, data: bytes, entry: dict[str, Any]) -> None:
+        """Retry a failed store with backoff; a later `files` event carries the URL."""
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(STORE_RETRIES),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.manager.store.put(key, data, entry["mime"])
+        except Exception as exc:
+            self.file_bytes -= len(data)
+            log.error("session %s: storing %s failed for good: %s", self.id, entry["name"], exc)
+            self.publish(
+                "error", {"code": "store_failed", "message": f"{entry['name']} could not be stored", "msg_id": msg_id}
+            )
+            return
+        entry.pop("error", None)
+        entry["url"] = self.manager.file_url(key)
+        self.publish("files", {"msg_id": msg_id, "files": [entry]})
 
     async def _permalink(self, msg_id: str, code: str) -> None:
         try:

@@ -149,3 +149,26 @@ async def test_upload_over_http(connect: ClientFactory, gw: Gateway) -> None:
             assert (await r.json())["error"]["code"] == "token_invalid"
     run = await c.execute("print(open('table.csv').read(), end='')")
     assert run.stdout == "a,b\n"
+
+
+async def test_a_failed_store_is_retried_and_told(start_gateway: GatewayFactory, tmp_path) -> None:
+    from gateway.client import Client
+
+    store = tmp_path / "store"
+    gw = await start_gateway(store_dir=str(store))
+    blocker = store / "files"
+    blocker.write_text("a file where the store wants a directory")  # every put fails for now
+    c = Client(gw.url)
+    await c.connect()
+    run = await c.execute("open('late.txt', 'w').write('eventually')")
+    first = (await c.wait_files(run))[0]
+    assert first["url"] is None and first["error"]["code"] == "store_failed"
+    blocker.unlink()  # the store recovers
+    start = len(c.events)
+    later = await c.wait_event("files", timeout=20, start=start, msg_id=run.msg_id)
+    entry = later["files"][0]
+    assert entry["name"] == "late.txt" and entry["url"] and "error" not in entry
+    status, body, _ = await fetch(gw, entry["url"])
+    assert status == 200 and body == b"eventually"
+    await c.drop()
+    await gw.end_sessions()
