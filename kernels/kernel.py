@@ -103,17 +103,23 @@ class Kernel:
         env = kernel_environment(workdir, statedir, shared_cache)
         try:
             await manager.start_kernel(cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"])
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: a launched process must not be left behind
             with contextlib.suppress(Exception):
+                if manager.has_kernel:
+                    await manager.shutdown_kernel(now=True)
                 await manager.cleanup_resources()  # the control socket it may have opened
             shutil.rmtree(home, ignore_errors=True)
-            raise KernelStartError(f"kernel {spec.name!r} failed to start: {exc}") from exc
+            if isinstance(exc, Exception):
+                raise KernelStartError(f"kernel {spec.name!r} failed to start: {exc}") from exc
+            raise
         kernel = cls(spec, manager, home)
         try:
             await asyncio.wait_for(kernel._connect(), spec.start_timeout)
-        except (TimeoutError, Exception) as exc:
+        except BaseException as exc:
             await kernel.shutdown()
-            raise KernelStartError(f"kernel {spec.name!r} did not answer: {exc!r}") from exc
+            if isinstance(exc, Exception):
+                raise KernelStartError(f"kernel {spec.name!r} did not answer: {exc!r}") from exc
+            raise
         return kernel
 
     async def _connect(self) -> None:
