@@ -35,6 +35,11 @@ class _SocketIO(socketio.AsyncClient):
         # server answers only at its next ping (25 s): wait a moment, not that long.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(super().disconnect(), 0.5)
+        # A poll still under way when the server closed the session may open a fresh
+        # HTTP session after engine.io's reset: let it end, then close whatever is open.
+        reader = getattr(self.eio, "read_loop_task", None)
+        if reader is not None and not reader.done():
+            await asyncio.wait([reader], timeout=0.5)
         http = getattr(self.eio, "http", None)
         if http is not None and not http.closed:
             await http.close()

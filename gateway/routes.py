@@ -158,18 +158,21 @@ with open(os.path.join(STATIC, "page.html"), encoding="utf-8") as _f:
     PAGE = _f.read()
 
 
-def _page(code: str, title: str) -> web.Response:
-    body = PAGE.replace("{{title}}", html.escape(title)).replace("{{code}}", html.escape(code))
+def _page(request: web.Request, code: str, title: str) -> web.Response:
+    # The page may be served at /p/<id>: the service URL must not be relative to it.
+    service = html.escape(manager_of(request).base_url + "/service")
+    body = PAGE.replace("{{title}}", html.escape(title)).replace("{{service}}", service)
+    body = body.replace("{{code}}", html.escape(code))
     return web.Response(text=body, content_type="text/html")
 
 
 async def permalink_page(request: web.Request) -> web.Response:
     doc = await _load_permalink(request)
-    return _page(doc["code"], "Cellgate: shared code")
+    return _page(request, doc["code"], "Cellgate: shared code")
 
 
 async def index(request: web.Request) -> web.Response:
-    return _page('print("Hello from Cellgate")\n1 + 1', "Cellgate")
+    return _page(request, 'print("Hello from Cellgate")\n1 + 1', "Cellgate")
 
 
 async def run_service(request: web.Request) -> web.Response:

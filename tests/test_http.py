@@ -108,7 +108,10 @@ async def test_permalink_roundtrip(http: aiohttp.ClientSession) -> None:
     assert got["code"] == "print('shared')" and got["language"] == "python"
     page = await http.get(f"/p/{made['id']}")
     assert page.status == 200 and page.content_type == "text/html"
-    assert "print(&#x27;shared&#x27;)" in await page.text()
+    text = await page.text()
+    assert "print(&#x27;shared&#x27;)" in text
+    # Its Run button posts to the service at the server's root, not under /p/.
+    assert 'data-service="/service"' in text
 
 
 async def test_permalink_page_escapes_code(http: aiohttp.ClientSession) -> None:
