@@ -45,6 +45,7 @@ class Config:
     max_files: int = _setting(200, "files reported per execution")
     service_timeout: float = _setting(30.0, "seconds a POST /service run may take")
     replay_limit: int = _setting(10000, "events kept per session for replay")
+    replay_bytes: int = _setting(16 * MiB, "bytes of events (approximate) kept per session for replay")
     store_dir: str = _setting("cellgate-data", "directory of the local blob store")
     workdir_root: str = _setting("", "where kernel working directories are made (default: system temp)")
     log_level: str = _setting("info", "debug, info, warning or error")
@@ -121,10 +122,10 @@ def validate(config: Config) -> None:
     problems = []
     if not config.allowed_kernels:
         problems.append("--kernels names no kernel")
-    for name in ("pool_size", "sessions_per_client", "replay_limit", "max_files"):
+    for name in ("pool_size", "sessions_per_client", "max_files"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
-    for name in ("max_kernels", "message_limit", "output_cap", "file_cap", "port"):
+    for name in ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port"):
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

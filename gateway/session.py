@@ -100,7 +100,7 @@ class Session:
 
     async def _deliver(self, event: str, data: dict[str, Any]) -> None:
         if self.logged:
-            seq = await self.manager.registry.append(self.id, event, data)
+            seq = await self.manager.registry.append(self.id, event, data, _event_size(data))
         else:
             self._seq += 1
             seq = self._seq
@@ -450,12 +450,24 @@ class Session:
         return task
 
 
+def _event_size(data: dict[str, Any]) -> int:
+    """A cheap estimate of an event's bytes: its text, data and buffers, plus headers."""
+    content = data.get("content")
+    size = 512 + sum(len(b) for b in data.get("buffers", ()))
+    if isinstance(content, dict):
+        size += _size(data)
+    return size
+
+
 def _size(msg: dict[str, Any]) -> int:
     content = msg.get("content", {})
     if "text" in content:
         return len(content["text"])
     data = content.get("data", {})
-    return sum(len(v) if isinstance(v, str) else 64 for v in data.values()) if isinstance(data, dict) else 64
+    if isinstance(data, dict) and data:
+        return sum(len(v) if isinstance(v, str) else 64 for v in data.values())
+    code = content.get("code")
+    return len(code) if isinstance(code, str) else 64
 
 
 def _coalesce(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

@@ -18,7 +18,7 @@ from gateway.stores import BlobStore, LocalStore
 
 @pytest.fixture(params=["memory"])
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[SessionRegistry]:
-    reg = MemoryRegistry(replay_limit=5)
+    reg = MemoryRegistry(replay_limit=5, replay_bytes=10_000)
     yield reg
     await reg.close()
 
@@ -75,7 +75,7 @@ async def test_log_seqs_and_trimming(registry: SessionRegistry) -> None:
     await registry.create(rec)
     empty = await registry.read(rec.id, 0)
     assert (empty.first, empty.last, empty.entries) == (1, 0, [])
-    seqs = [await registry.append(rec.id, "iopub", {"n": i}) for i in range(8)]
+    seqs = [await registry.append(rec.id, "iopub", {"n": i}, 100) for i in range(8)]
     assert seqs == list(range(1, 9))
     read = await registry.read(rec.id, 0)
     assert (read.epoch, read.first, read.last) == ("e1", 4, 8)  # replay_limit=5 keeps 4..8
@@ -98,3 +98,15 @@ async def test_store_refuses_bad_keys(store: BlobStore) -> None:
         with pytest.raises(ValueError):
             await store.put(key, b"x", "text/plain")
         assert await store.get(key) is None
+
+
+async def test_log_is_bounded_in_bytes(registry: SessionRegistry) -> None:
+    rec = record(new_token())
+    await registry.create(rec)
+    for i in range(3):
+        await registry.append(rec.id, "iopub", {"n": i}, 4000)  # budget 10,000: two fit
+    read = await registry.read(rec.id, 0)
+    assert [e.data["n"] for e in read.entries] == [1, 2] and read.first == 2
+    await registry.append(rec.id, "iopub", {"n": "huge"}, 50_000)  # the newest stays, alone
+    read = await registry.read(rec.id, 0)
+    assert [e.data["n"] for e in read.entries] == ["huge"] and read.last == 4

@@ -152,3 +152,21 @@ async def test_crossing_transports_on_resume(gw: Gateway) -> None:
     await again.resume(c.token, c.epoch, c.last_seq)
     assert (await again.execute("z * 2")).result == {"text/plain": "6"}
     await again.drop()
+
+
+async def test_log_over_its_byte_budget_is_trimmed_with_notice(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(replay_bytes=30_000)
+    c = Client(gw.url)
+    await c.connect()
+    await c.execute("print('a' * 50_000)")
+    await c.execute("print('b')")
+    await c.drop()
+    again = Client(gw.url)
+    await again.resume(c.token, c.epoch, 0)
+    gap = await again.wait_event("error", code="replay_gap", timeout=5)
+    assert gap["first"] > 1
+    await again.wait_for(lambda e, d: d.get("seq") == gap["last"], timeout=5)
+    assert "a" * 1000 not in repr(again.events)  # the big output is gone from the log
+    assert any(e == "iopub" and d["content"].get("text") == "b\n" for e, d in again.events)
+    await again.drop()
+    await gw.end_sessions()

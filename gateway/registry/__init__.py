@@ -14,4 +14,4 @@ __all__ = ["LogEntry", "LogRead", "MemoryRegistry", "SessionRecord", "SessionReg
 
 
 def create_registry(config: Config) -> SessionRegistry:
-    return MemoryRegistry(replay_limit=config.replay_limit)
+    return MemoryRegistry(replay_limit=config.replay_limit, replay_bytes=config.replay_bytes)

@@ -39,6 +39,7 @@ class LogEntry:
     seq: int
     event: str
     data: Any
+    size: int = 0  # approximate bytes, for the log's byte budget
 
 
 @dataclass
@@ -71,8 +72,9 @@ class SessionRegistry(ABC):
         """Live sessions opened from one client address."""
 
     @abstractmethod
-    async def append(self, session_id: str, event: str, data: Any) -> int:
-        """Add an event to the session's log and return its seq (1, 2, 3 ...)."""
+    async def append(self, session_id: str, event: str, data: Any, size: int) -> int:
+        """Add an event (about `size` bytes) to the session's log and return its seq
+        (1, 2, 3 ...). The oldest entries go once the log is over its limits."""
 
     @abstractmethod
     async def read(self, session_id: str, after: int) -> LogRead:

@@ -11,8 +11,10 @@ from gateway.registry.base import LogEntry, LogRead, SessionRecord, SessionRegis
 
 
 class MemoryRegistry(SessionRegistry):
-    def __init__(self, replay_limit: int = 10000) -> None:
+    def __init__(self, replay_limit: int = 10000, replay_bytes: int = 16 * 1024 * 1024) -> None:
         self.replay_limit = replay_limit
+        self.replay_bytes = replay_bytes
+        self._bytes: dict[str, int] = {}
         self._records: dict[str, SessionRecord] = {}
         self._by_token: dict[str, str] = {}
         self._logs: dict[str, deque[LogEntry]] = {}
@@ -22,8 +24,9 @@ class MemoryRegistry(SessionRegistry):
     async def create(self, record: SessionRecord) -> None:
         self._records[record.id] = dataclasses.replace(record)
         self._by_token[record.token_digest] = record.id
-        self._logs[record.id] = deque(maxlen=self.replay_limit or None)
+        self._logs[record.id] = deque()
         self._last[record.id] = 0
+        self._bytes[record.id] = 0
         self._clients[record.client] += 1
 
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -45,6 +48,7 @@ class MemoryRegistry(SessionRegistry):
         self._by_token.pop(record.token_digest, None)
         self._logs.pop(session_id, None)
         self._last.pop(session_id, None)
+        self._bytes.pop(session_id, None)
         self._clients[record.client] -= 1
         if self._clients[record.client] <= 0:
             del self._clients[record.client]
@@ -52,13 +56,18 @@ class MemoryRegistry(SessionRegistry):
     async def count_client(self, client: str) -> int:
         return self._clients.get(client, 0)
 
-    async def append(self, session_id: str, event: str, data: Any) -> int:
+    async def append(self, session_id: str, event: str, data: Any, size: int) -> int:
         log = self._logs.get(session_id)
         if log is None:
             raise KeyError(session_id)
         seq = self._last[session_id] + 1
         self._last[session_id] = seq
-        log.append(LogEntry(seq, event, data))
+        log.append(LogEntry(seq, event, data, size))
+        total = self._bytes[session_id] + size
+        # Trim the oldest, but always keep the newest entry.
+        while len(log) > 1 and (len(log) > self.replay_limit or total > self.replay_bytes):
+            total -= log.popleft().size
+        self._bytes[session_id] = total
         return seq
 
     async def read(self, session_id: str, after: int) -> LogRead:
