@@ -85,6 +85,7 @@ class Kernel:
         self._alive = True
         self._closed = False
         self.bad_signatures = 0
+        self._startup: dict[str, list[Any]] = {}  # start-up msg_id -> [future, messages still due]
 
     # -- life -------------------------------------------------------------------
 
@@ -154,6 +155,13 @@ class Kernel:
             except TimeoutError:
                 if not await self._manager.is_alive():
                     raise KernelStartError("kernel exited during start-up") from None
+        # A kernel's first execution pays for lazy imports (about 10 ms): pay it here,
+        # silently (no history, no execution count), not in the user's first cell.
+        warmup = self.make_message("execute_request", {"code": "pass", "silent": True, "store_history": False})
+        done = asyncio.get_running_loop().create_future()
+        self._startup[warmup["header"]["msg_id"]] = [done, 2]  # its reply and its idle status
+        self.send("shell", warmup)
+        await done
 
     async def _watch(self) -> None:
         # The process is ours (a child), so polling it is cheap and exact.
@@ -261,6 +269,22 @@ class Kernel:
             "buffers": frames[i + 6 :],
         }
 
+    def _startup_message(self, channel: str, msg: Message) -> bool:
+        """Swallow what the kernel says about our own start-up requests."""
+        waiting = self._startup.get(msg["parent_header"].get("msg_id", ""))
+        if waiting is None:
+            return False
+        msg_type = msg["header"].get("msg_type")
+        if (channel == "shell" and msg_type.endswith("_reply")) or (
+            msg_type == "status" and msg["content"].get("execution_state") == "idle"
+        ):
+            waiting[1] -= 1
+            if waiting[1] == 0:
+                del self._startup[msg["parent_header"]["msg_id"]]
+                if not waiting[0].done():
+                    waiting[0].set_result(None)
+        return True
+
     async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
         try:
             while True:
@@ -277,6 +301,8 @@ class Kernel:
                         self._iopub_live.set()
                     if msg_type == "iopub_welcome":
                         continue  # about our own subscription, not for clients
+                if self._startup and self._startup_message(channel, msg):
+                    continue
                 listener = self._listener
                 if listener is None:
                     continue

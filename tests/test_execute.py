@@ -17,6 +17,7 @@ async def test_session_event_then_first_execution(connect: ClientFactory) -> Non
     assert run.stdout == "hello\n"
     assert run.result == {"text/plain": "42"}
     assert run.reply["status"] == "ok"
+    assert run.reply["execution_count"] == 1  # the pool's warm-up run left no trace
     kernel_events = [d for e, d in c.events if e == "kernel"]
     assert kernel_events[-1]["state"] == "ready" and "reason" not in kernel_events[-1]
 
