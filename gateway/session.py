@@ -12,18 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mimetypes
-import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import tenacity
-
 from gateway import workdir
 from gateway.errors import CellgateError
+from gateway.files import FileReporter
 from gateway.registry import SessionRecord
 from kernels.kernel import Kernel
 from kernels.pool import PoolExhausted
@@ -34,9 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAM_MERGE_MAX = 64 * 1024
-STORE_RETRIES = 6  # about 15 s of backoff before a file is given up
 CAPPED_TYPES = frozenset({"stream", "display_data", "update_display_data"})
-SAFE_KEY = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 class Sink(Protocol):
@@ -67,14 +61,14 @@ class Session:
         self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._emit_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
-        self._harvest_lock = asyncio.Lock()
         self._started: dict[str, float] = {}  # execute_request msg_id -> start time
         self._output: OrderedDict[str, int] = OrderedDict()  # parent msg_id -> bytes sent
         self._capped: set[str] = set()
-        self._files: dict[str, workdir.FileState] = {}
-        self.file_bytes = 0
+        self.files = FileReporter(
+            self.config, manager.store, manager.file_url, manager.metrics, self.publish, self._spawn
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._harvests: set[asyncio.Future[Any]] = set()
+        self._reports: set[asyncio.Future[Any]] = set()
         self._sender = asyncio.create_task(self._send_loop())
         self._watchdog = asyncio.create_task(self._watch())
 
@@ -226,7 +220,7 @@ class Session:
             raise CellgateError("kernel_dead", "this session has ended")
         self.kernel = kernel
         self.kernel_busy = False
-        self._files = {}
+        self.files.forget()
         kernel.set_listener(self._from_kernel)
         kernel.on_exit(self._kernel_exited)
         self.record.kernel_id = kernel.id
@@ -261,12 +255,10 @@ class Session:
             )
         async with self._send_lock:
             kernel = await self._ensure_kernel()
-        async with self._harvest_lock:
-            try:
-                state = await asyncio.to_thread(workdir.write_file, kernel.workdir, name, data)
-            except workdir.UnsafeFile as exc:
-                raise CellgateError("bad_filename", str(exc)) from None
-            self._files[name] = state  # the client's own file: not reported back as output
+        try:
+            await self.files.upload(kernel.workdir, name, data)
+        except workdir.UnsafeFile as exc:
+            raise CellgateError("bad_filename", str(exc)) from None
         return {"name": name, "size": len(data)}
 
     # -- messages from the kernel -----------------------------------------------
@@ -286,7 +278,7 @@ class Session:
             started = self._started.pop(parent, None)
             if started is not None:
                 self.manager.metrics.execution.observe(time.monotonic() - started)
-            self._harvests.add(self._spawn(self._harvest(parent)))
+            self._reports.add(self._spawn(self._report_files(parent)))
         elif channel == "control" and msg_type == "shutdown_reply" and self._ending:
             self._spawn(self.end("shutdown", "requested"))
 
@@ -328,69 +320,10 @@ class Session:
 
     # -- files ------------------------------------------------------------------
 
-    async def _harvest(self, msg_id: str) -> None:
+    async def _report_files(self, msg_id: str) -> None:
         kernel = self.kernel
-        if kernel is None:
-            return
-        async with self._harvest_lock:
-            found = await asyncio.to_thread(workdir.scan, kernel.workdir, self.config.max_files)
-            changed = [name for name, st in found.items() if self._files.get(name) != st]
-            self._files = found
-            if not changed or self.ended:
-                return
-            entries = [await self._store_file(kernel, name, msg_id) for name in changed]
-        self.publish("files", {"msg_id": msg_id, "files": entries})
-
-    async def _store_file(self, kernel: Kernel, name: str, msg_id: str) -> dict[str, Any]:
-        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        entry: dict[str, Any] = {"name": name, "url": None, "size": None, "mime": mime}
-        room = min(self.config.file_cap, self.config.session_file_cap - self.file_bytes)
-        try:
-            data = await asyncio.to_thread(workdir.read_file, kernel.workdir, name, max(room, 0))
-        except workdir.FileTooLarge as exc:
-            entry["size"] = exc.size
-            over = "file" if exc.size > self.config.file_cap else "session"
-            cap = self.config.file_cap if over == "file" else self.config.session_file_cap
-            entry["error"] = {"code": "file_too_large", "message": f"over the {over} cap of {cap} bytes"}
-            self.manager.metrics.errors.labels("file_too_large").inc()
-            return entry
-        except (workdir.UnsafeFile, OSError) as exc:
-            entry["error"] = {"code": "bad_filename", "message": f"not stored: {exc}"}
-            return entry
-        entry["size"] = len(data)
-        key = f"files/{secrets.token_urlsafe(16)}/{SAFE_KEY.sub('_', name.rsplit('/', 1)[-1]) or 'file'}"
-        self.file_bytes += len(data)  # reserved now, so retries cannot overshoot the cap
-        try:
-            await self.manager.store.put(key, data, mime)
-        except Exception as exc:
-            log.warning("session %s: storing %s failed, will retry: %s", self.id, name, exc)
-            entry["error"] = {"code": "store_failed", "message": "the file could not be stored yet; retrying"}
-            self._spawn(self._store_later(msg_id, key, data, dict(entry)))
-            return entry
-        entry["url"] = self.manager.file_url(key)
-        return entry
-
-    async def _store_later(self, msg_id: str, key: str, data: bytes, entry: dict[str, Any]) -> None:
-        """Retry a failed store with backoff; a later `files` event carries the URL."""
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(STORE_RETRIES),
-            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await self.manager.store.put(key, data, entry["mime"])
-        except Exception as exc:
-            self.file_bytes -= len(data)
-            log.error("session %s: storing %s failed for good: %s", self.id, entry["name"], exc)
-            self.publish(
-                "error", {"code": "store_failed", "message": f"{entry['name']} could not be stored", "msg_id": msg_id}
-            )
-            return
-        entry.pop("error", None)
-        entry["url"] = self.manager.file_url(key)
-        self.publish("files", {"msg_id": msg_id, "files": [entry]})
+        if kernel is not None and not self.ended:
+            await self.files.report(kernel.workdir, msg_id)
 
     async def _permalink(self, msg_id: str, code: str) -> None:
         try:
@@ -402,8 +335,8 @@ class Session:
 
     async def settle(self) -> None:
         """Wait for pending file reports, then for their delivery."""
-        while self._harvests:
-            await asyncio.gather(*self._harvests, return_exceptions=True)
+        while self._reports:
+            await asyncio.gather(*self._reports, return_exceptions=True)
         await self.flush()
 
     # -- time limits and the end ------------------------------------------------
@@ -446,7 +379,7 @@ class Session:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(self._harvests.discard)
+        task.add_done_callback(self._reports.discard)
         return task
 
 
