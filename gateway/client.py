@@ -255,7 +255,7 @@ class Client:
     # -- messages ---------------------------------------------------------------
 
     async def send(self, channel: str, msg: dict[str, Any]) -> dict[str, Any]:
-        """Send one message and return the server's ack (raises Refused on ok=false)."""
+        """Send one message (or upload) and return the server's ack; Refused on ok=false."""
         if self.sio is None:
             raise Refused("not_connected", "connect first")
         ack = await self.sio.call(channel, msg, timeout=self.timeout)
@@ -331,10 +331,4 @@ class Client:
             await self.wait_event("kernel", state="shutdown")
 
     async def upload(self, name: str, data: bytes) -> dict[str, Any]:
-        if self.sio is None:
-            raise Refused("not_connected", "connect first")
-        ack = await self.sio.call("upload", {"name": name, "data": data}, timeout=self.timeout)
-        if not ack.get("ok"):
-            err = ack.get("error", {})
-            raise Refused(err.get("code", "unknown"), err.get("message", ""), err)
-        return ack
+        return await self.send("upload", {"name": name, "data": data})

@@ -73,9 +73,6 @@ class Config:
         # our own limit: anything between the two gets a proper too_large answer.
         return self.message_limit * 2 + MiB
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
-
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]

@@ -7,8 +7,8 @@ import uuid
 from typing import Any
 
 from gateway.errors import CellgateError
+from gateway.messages import validate
 from gateway.sessions import SessionManager
-from kernels.kernel import PROTOCOL_VERSION, now_iso
 
 SKIPPED = frozenset({"status", "execute_input", "clear_output"})
 
@@ -48,21 +48,13 @@ async def run(manager: SessionManager, code: str, client: str) -> dict[str, Any]
     sink = Collector(msg_id)
     session.sink = sink
     session.disconnected_at = None  # the request itself holds the session
-    msg = {
-        "header": {
-            "msg_id": msg_id,
-            "msg_type": "execute_request",
-            "session": session.id,
-            "username": "cellgate",
-            "date": now_iso(),
-            "version": PROTOCOL_VERSION,
-        },
-        "parent_header": {},
-        "metadata": {},
+    request = {
+        "header": {"msg_id": msg_id, "msg_type": "execute_request"},
         "content": {"code": code, "silent": False, "store_history": False, "allow_stdin": False},
-        "buffers": [],
     }
     try:
+        # The same validation and header filling as a Socket.IO client's message gets.
+        msg = validate("shell", request, manager.config.message_limit, session.id)
         async with asyncio.timeout(timeout):
             await session.to_kernel("shell", msg)
             await sink.finished.wait()

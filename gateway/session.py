@@ -62,8 +62,8 @@ class Session:
         self._emit_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self._started: dict[str, float] = {}  # execute_request msg_id -> start time
-        self._output: OrderedDict[str, int] = OrderedDict()  # parent msg_id -> bytes sent
-        self._capped: set[str] = set()
+        # parent msg_id -> output bytes seen; past the cap means capped
+        self._output: OrderedDict[str, int] = OrderedDict()
         self.files = FileReporter(
             self.config, manager.store, manager.file_url, manager.metrics, self.publish, self._spawn
         )
@@ -283,19 +283,17 @@ class Session:
             self._spawn(self.end("shutdown", "requested"))
 
     def _within_cap(self, parent: str, msg: dict[str, Any]) -> bool:
-        if parent in self._capped:
+        before = self._output.get(parent, 0)
+        if before > self.config.output_cap:  # already capped and told
             self.manager.metrics.dropped.inc(_size(msg))
             return False
-        sent = self._output.get(parent, 0) + _size(msg)
+        sent = before + _size(msg)
         self._output[parent] = sent
         self._output.move_to_end(parent)
         while len(self._output) > 256:
             self._output.popitem(last=False)
         if sent <= self.config.output_cap:
             return True
-        self._capped.add(parent)
-        if len(self._capped) > 256:
-            self._capped.pop()
         self.manager.metrics.errors.labels("output_capped").inc()
         self.publish(
             "error",

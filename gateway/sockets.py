@@ -215,5 +215,4 @@ def create_server(config: Config, manager: SessionManager) -> Server:
     async def other(event: str, sid: str, data: Any = None) -> dict[str, Any]:
         return fail(CellgateError("bad_channel", f"no event {event!r}; send shell, stdin, control or upload"), data)
 
-    sio.connections = connections  # type: ignore[attr-defined]  # for /health and tests
     return sio

@@ -186,9 +186,6 @@ class Kernel:
         """Where every message the kernel sends goes, in the order it arrives."""
         self._listener = listener
 
-    async def interrupt(self) -> None:
-        await self._manager.interrupt_kernel()
-
     async def shutdown(self) -> None:
         """Kill the kernel, close its channels and remove its working directory."""
         if self._closed:
@@ -235,19 +232,10 @@ class Kernel:
             json.dumps(msg.get("metadata") or {}).encode(),
             json.dumps(msg.get("content") or {}).encode(),
         ]
-        frames: list[Any] = [DELIM, self._sign(parts), *parts, *msg.get("buffers", ())]
+        frames: list[Any] = [DELIM, self._session.sign(parts), *parts, *msg.get("buffers", ())]
         # copy=True: messages are small, and zero-copy sends would need pyzmq's
         # garbage-collector thread, which can hold up the process at exit.
         self._sockets[channel].send_multipart(frames)
-
-    def _sign(self, parts: list[bytes]) -> bytes:
-        auth = self._session.auth
-        if auth is None:
-            return b""
-        h = auth.copy()
-        for part in parts:
-            h.update(part)
-        return h.hexdigest().encode()
 
     def _unpack(self, frames: list[bytes]) -> Message | None:
         try:
@@ -255,7 +243,7 @@ class Kernel:
         except ValueError:
             return None
         sig, *parts = frames[i + 1 : i + 6]
-        if len(parts) != 4 or not hmac.compare_digest(sig, self._sign(parts)):
+        if len(parts) != 4 or not hmac.compare_digest(sig, self._session.sign(parts)):
             self.bad_signatures += 1
             if self.bad_signatures == 1:  # once per kernel: a hostile kernel must not flood logs
                 log.warning("kernel %s sent a message with a bad signature; dropped", self.id)

@@ -47,7 +47,6 @@ class KernelPool:
         self._closed = False
         self.last_error: str | None = None
         self.failures_in_row = 0
-        self.start_seconds: deque[float] = deque(maxlen=50)
 
     # -- accounting -------------------------------------------------------------
 
@@ -85,7 +84,6 @@ class KernelPool:
             task.add_done_callback(self._tasks.discard)
 
     async def _start_one(self, name: str) -> None:
-        began = time.monotonic()
         kernel: Kernel | None = None
         try:
             kernel = await self._starter(self.specs[name])
@@ -105,7 +103,6 @@ class KernelPool:
             self._fill(name)
             return
         self.failures_in_row = 0
-        self.start_seconds.append(time.monotonic() - began)
         if self._closed:
             await kernel.shutdown()
             return
