@@ -13,15 +13,48 @@ from gateway.routes import add_routes, cors, json_errors
 from gateway.sessions import SessionManager
 from gateway.sockets import create_server
 from gateway.stores import create_store
-from kernels.kernel import KernelSpec
+from kernels.isolation import Limits
+from kernels.kernel import KernelSpec, default_root
 from kernels.pool import KernelPool
+from kernels.provisioner import ForkServer
 
 log = logging.getLogger(__name__)
 
 
+def create_fork_server(config: Config) -> ForkServer | None:
+    if not config.fork_server:
+        return None
+    limits = Limits(
+        cpu_seconds=config.kernel_cpu_seconds,
+        address_space=config.kernel_address_space,
+        file_size=config.kernel_file_size,
+        processes=config.kernel_processes,
+        open_files=config.kernel_open_files,
+        memory=config.kernel_memory,
+        pids=config.kernel_pids,
+        cpus=config.kernel_cpus,
+        tmp_size=config.kernel_tmp_size,
+    )
+    return ForkServer(
+        root=config.workdir_root or default_root(),
+        isolation=config.isolation != "off",
+        required=config.isolation == "required",
+        network=config.network_isolation,
+        uids=config.uid_range,
+        limits=limits,
+        start_timeout=config.kernel_start_timeout,
+    )
+
+
 def create_pool(config: Config) -> KernelPool:
+    fork_server = create_fork_server(config)
     specs = {
-        name: KernelSpec(name=name, workdir_root=config.workdir_root, start_timeout=config.kernel_start_timeout)
+        name: KernelSpec(
+            name=name,
+            workdir_root=config.workdir_root,
+            start_timeout=config.kernel_start_timeout,
+            fork_server=fork_server,
+        )
         for name in config.allowed_kernels
     }
     return KernelPool(specs, size=config.pool_size, max_kernels=config.max_kernels)
@@ -45,6 +78,7 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
 
     async def start(app: web.Application) -> None:
         if owns_pool:
+            await pool.open()
             pool.start()
 
     async def stop(app: web.Application) -> None:

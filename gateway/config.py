@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 PROTOCOL = "cellgate/1"
 
 
@@ -48,6 +49,20 @@ class Config:
     replay_bytes: int = _setting(16 * MiB, "bytes of events (approximate) kept per session for replay")
     store_dir: str = _setting("cellgate-data", "directory of the local blob store")
     workdir_root: str = _setting("", "where kernel working directories are made (default: system temp)")
+    fork_server: bool = _setting(True, "start Python kernels by forking a pre-imported process (Linux)")
+    isolation: str = _setting("auto", "kernel isolation: auto (what the host allows), required (all or refuse), off")
+    network_isolation: bool = _setting(True, "give each kernel an empty network namespace (no TCP, no UDP)")
+    kernel_uids: str = _setting("1500000-1500999", "uid range for kernels when running as root, one uid per kernel")
+    execution_timeout: float = _setting(120.0, "wall-clock seconds an execution may run before it is interrupted")
+    kernel_cpu_seconds: int = _setting(600, "CPU seconds per kernel (RLIMIT_CPU; 0: no limit)")
+    kernel_address_space: int = _setting(4 * GiB, "address space per kernel process in bytes (RLIMIT_AS)")
+    kernel_memory: int = _setting(1 * GiB, "memory per kernel in bytes, all its processes (cgroup)")
+    kernel_file_size: int = _setting(64 * MiB, "largest file a kernel may write, in bytes (RLIMIT_FSIZE)")
+    kernel_processes: int = _setting(64, "processes and threads per kernel (RLIMIT_NPROC with a uid pool)")
+    kernel_pids: int = _setting(128, "processes and threads per kernel (cgroup pids)")
+    kernel_open_files: int = _setting(256, "open files per kernel process (RLIMIT_NOFILE)")
+    kernel_cpus: float = _setting(1.0, "CPUs per kernel (cgroup CPU quota; 0: no limit)")
+    kernel_tmp_size: int = _setting(64 * MiB, "size of a kernel's private /tmp, /var/tmp and /dev/shm in bytes")
     log_level: str = _setting("info", "debug, info, warning or error")
 
     @property
@@ -68,6 +83,11 @@ class Config:
         return _split(self.trusted_proxies)
 
     @property
+    def uid_range(self) -> tuple[int, int]:
+        low, _, high = self.kernel_uids.partition("-")
+        return int(low), int(high or low)
+
+    @property
     def transport_limit(self) -> int:
         # The transport drops a connection past its buffer size, so it sits well above
         # our own limit: anything between the two gets a proper too_large answer.
@@ -82,7 +102,19 @@ def env_name(name: str) -> str:
     return "CELLGATE_" + name.upper()
 
 
-def _convert(kind: type, raw: str, name: str) -> Any:
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_boolean.__name__ = "bool"  # what argparse names in its error message
+
+
+def _convert(kind: Any, raw: str, name: str) -> Any:
     try:
         return kind(raw)
     except ValueError:
@@ -98,7 +130,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         epilog="Every flag --foo-bar can also be set as the environment variable CELLGATE_FOO_BAR.",
     )
     for f in dataclasses.fields(Config):
-        kind = type(f.default)
+        kind: Any = _boolean if isinstance(f.default, bool) else type(f.default)
         default = f.default
         if env_name(f.name) in environ:
             default = _convert(kind, environ[env_name(f.name)], f.name)
@@ -106,7 +138,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=default,
-            metavar=kind.__name__.upper(),
+            metavar=kind.__name__.upper(),  # BOOL takes true/false, yes/no, on/off, 1/0
             help=f"{f.metadata['help']} (default: {f.default!r}; env {env_name(f.name)})",
         )
     args = parser.parse_args(argv)
@@ -124,6 +156,19 @@ def validate(config: Config) -> None:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
     for name in ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port"):
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if config.isolation not in ("auto", "required", "off"):
+        problems.append("--isolation must be auto, required or off")
+    try:
+        low, high = config.uid_range
+        if not 0 < low <= high:
+            raise ValueError
+        if high - low + 1 < config.max_kernels:
+            problems.append("--kernel-uids must hold at least --max-kernels uids")
+    except ValueError:
+        problems.append("--kernel-uids must be a range like 1500000-1500999 of non-root uids")
+    for name in ("execution_timeout", "kernel_address_space", "kernel_open_files"):
+        if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append("--log-level must be debug, info, warning or error")

@@ -85,7 +85,7 @@ async def health(request: web.Request) -> web.Response:
         "kernels": manager.pool.counts(),
         "max_kernels": manager.pool.max_kernels,
         "sessions": len(manager.sessions),
-        "isolation": {"enabled": False, "note": "kernels run as the server's user in their own directory"},
+        "isolation": manager.pool.isolation(),
     }
     if not ok:
         body["error"] = {"code": "no_kernel", "message": manager.pool.last_error or "kernels cannot start"}

@@ -314,7 +314,7 @@ class Session:
         if not (self._ending or self.ended):
             log.info("session %s: kernel %s died", self.id, kernel.id)
             self.manager.metrics.errors.labels("kernel_dead").inc()
-            self.publish("kernel", {"state": "dead", "reason": "the kernel process exited"})
+            self.publish("kernel", {"state": "dead", "reason": kernel.exit_reason})
 
     # -- files ------------------------------------------------------------------
 

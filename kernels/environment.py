@@ -15,12 +15,26 @@ ALLOWED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
 SECRET = re.compile(r"CELLGATE|AWS|REDIS|SECRET|TOKEN|PASSWORD|KEY", re.IGNORECASE)
 
 
+def _allowed() -> dict[str, str]:
+    env = {name: os.environ[name] for name in ALLOWED if name in os.environ and not SECRET.search(name)}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
+
+
+def server_environment() -> dict[str, str]:
+    """The fork server's own environment: it is the parent of every kernel, so it holds
+    no secret either. It finds our packages through PYTHONPATH."""
+    env = _allowed()
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
 def kernel_environment(workdir: str, statedir: str, shared_cache: str) -> dict[str, str]:
     """`workdir` is the kernel's cwd and HOME: what it writes there is reported as files.
     IPython's profile and history go to `statedir`, which is not reported; matplotlib's
     font cache is shared so that the first plot of a new kernel is not slow."""
-    env = {name: os.environ[name] for name in ALLOWED if name in os.environ}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env = _allowed()
     env.update(
         {
             "HOME": workdir,
@@ -30,6 +44,8 @@ def kernel_environment(workdir: str, statedir: str, shared_cache: str) -> dict[s
             "MPLCONFIGDIR": shared_cache,
             "IPYTHONDIR": statedir,
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
         }
     )
     return {k: v for k, v in env.items() if k in ("PATH",) or not SECRET.search(k)}

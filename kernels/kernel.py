@@ -28,6 +28,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
 from kernels.environment import kernel_environment
+from kernels.provisioner import Exit, ForkProvisioner, ForkServer, ForkSpecs
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ class KernelSpec:
     name: str = "python3"
     workdir_root: str = ""
     start_timeout: float = 60.0
+    fork_server: ForkServer | None = None  # None: a plain jupyter_client process per kernel
+
+
+def default_root() -> str:
+    return os.path.join(tempfile.gettempdir(), "cellgate-kernels")
 
 
 async def _handshake(sock: zmq.asyncio.Socket) -> None:
@@ -84,6 +90,7 @@ class Kernel:
         self._iopub_live = asyncio.Event()
         self._alive = True
         self._closed = False
+        self.exit: Exit | None = None  # how it ended, when the fork server could tell
         self.bad_signatures = 0
         self._startup: dict[str, list[Any]] = {}  # start-up msg_id -> [future, messages still due]
 
@@ -91,20 +98,46 @@ class Kernel:
 
     @classmethod
     async def start(cls, spec: KernelSpec) -> Kernel:
-        root = spec.workdir_root or os.path.join(tempfile.gettempdir(), "cellgate-kernels")
+        root = spec.workdir_root or default_root()
         shared_cache = os.path.join(root, "shared-cache")
-        os.makedirs(shared_cache, mode=0o700, exist_ok=True)
+        os.makedirs(shared_cache, mode=0o755, exist_ok=True)
+        # The home is the server's (0711: a kernel under its own uid can pass through
+        # but not list or change it); work/ and state/ become the kernel's.
         home = tempfile.mkdtemp(prefix="k-", dir=root)
+        os.chmod(home, 0o711)
         workdir, statedir = os.path.join(home, "work"), os.path.join(home, "state")
         os.mkdir(workdir, 0o700)
         os.mkdir(statedir, 0o700)
         # IPC sockets live in the kernel's own directory: no ports to race for on a
         # busy node, nothing reachable over the network.
-        manager = AsyncKernelManager(kernel_name=spec.name, transport="ipc", ip=os.path.join(statedir, "zmq"))
+        options: dict[str, Any] = {}
+        if spec.fork_server is not None:
+            options["kernel_spec_manager"] = ForkSpecs(fork_socket=spec.fork_server.socket_path)
+        manager = AsyncKernelManager(
+            kernel_name=spec.name,
+            transport="ipc",
+            ip=os.path.join(statedir, "zmq"),
+            connection_file=os.path.join(home, "connection.json"),
+            **options,
+        )
         env = kernel_environment(workdir, statedir, shared_cache)
+        # jupyter_client's start_kernel pauses after the launch; with a fork server we
+        # connect as soon as the kernel exists and let that pause run alongside.
+        launched = spec.fork_server.launched(home) if spec.fork_server is not None else None
+        starting = asyncio.ensure_future(
+            manager.start_kernel(cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"])
+        )
         try:
-            await manager.start_kernel(cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"])
+            if launched is not None:
+                await asyncio.wait({starting, launched}, return_when=asyncio.FIRST_COMPLETED)
+                if starting.done():
+                    starting.result()
+            else:
+                await starting
         except BaseException as exc:  # cancelled too: a launched process must not be left behind
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
             with contextlib.suppress(Exception):
                 if manager.has_kernel:
                     await manager.shutdown_kernel(now=True)
@@ -113,10 +146,14 @@ class Kernel:
             if isinstance(exc, Exception):
                 raise KernelStartError(f"kernel {spec.name!r} failed to start: {exc}") from exc
             raise
+        finally:
+            if launched is not None:
+                launched.cancel()
         kernel = cls(spec, manager, home)
         try:
-            await asyncio.wait_for(kernel._connect(), spec.start_timeout)
+            await asyncio.wait_for(asyncio.gather(kernel._connect(), starting), spec.start_timeout)
         except BaseException as exc:
+            starting.cancel()
             await kernel.shutdown()
             if isinstance(exc, Exception):
                 raise KernelStartError(f"kernel {spec.name!r} did not answer: {exc!r}") from exc
@@ -131,6 +168,9 @@ class Kernel:
             kind = zmq.SUB if channel == "iopub" else zmq.DEALER
             sock = self._ctx.socket(kind)
             sock.setsockopt(zmq.LINGER, 0)
+            # We connect while a forked kernel is still binding: retry every few ms, not
+            # at ZMQ's default 100 ms.
+            sock.setsockopt(zmq.RECONNECT_IVL, 5)
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             else:
@@ -155,6 +195,11 @@ class Kernel:
             except TimeoutError:
                 if not await self._manager.is_alive():
                     raise KernelStartError("kernel exited during start-up") from None
+        # The kernel has bound its sockets: take their directory back, so that no user
+        # code can swap a socket file for a link that a reconnect would follow.
+        statedir = os.path.join(self._home, "state")
+        os.chown(statedir, os.getuid(), os.getgid(), follow_symlinks=False)
+        os.chmod(statedir, 0o711, follow_symlinks=False)
         # A kernel's first execution pays for lazy imports (about 10 ms): pay it here,
         # silently (no history, no execution count), not in the user's first cell.
         warmup = self.make_message("execute_request", {"code": "pass", "silent": True, "store_history": False})
@@ -164,16 +209,32 @@ class Kernel:
         await done
 
     async def _watch(self) -> None:
-        # The process is ours (a child), so polling it is cheap and exact.
-        while self._alive:
-            await asyncio.sleep(0.2)
-            if self._closed:
-                return
-            if not await self._manager.is_alive():
-                self._alive = False
-                log.info("kernel %s exited", self.id)
-                for callback in self._on_exit:
-                    callback(self)
+        provisioner = self._manager.provisioner
+        if isinstance(provisioner, ForkProvisioner):
+            self.exit = await provisioner.exited()  # a pidfd: told the moment it ends
+        else:  # our own child process: polling it is cheap and exact
+            while await self._manager.is_alive():  # noqa: ASYNC110 (no event to wait on)
+                await asyncio.sleep(0.2)
+        if self._closed:
+            return
+        self._alive = False
+        log.info("kernel %s exited (%s)", self.id, self.exit)
+        for callback in self._on_exit:
+            callback(self)
+
+    @property
+    def exit_reason(self) -> str:
+        """Why the kernel process ended, in words for the client."""
+        exit = self.exit
+        if exit is None:
+            return "the kernel process exited"
+        if exit.oom:
+            return "the kernel was killed: out of memory (its memory limit)"
+        if exit.code in (128 + 9, -9):
+            return "the kernel was killed (SIGKILL): a resource limit, or it was ended"
+        if exit.code in (128 + 24, -24):
+            return "the kernel was killed: CPU time limit"
+        return f"the kernel process exited with code {exit.code}"
 
     @property
     def alive(self) -> bool:

@@ -13,8 +13,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from kernels.kernel import Kernel, KernelSpec, KernelStartError
+from kernels.provisioner import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,29 @@ class KernelPool:
         }
 
     @property
+    def fork_servers(self) -> list[ForkServer]:
+        servers = {id(s.fork_server): s.fork_server for s in self.specs.values() if s.fork_server is not None}
+        return list(servers.values())
+
+    def isolation(self) -> dict[str, Any]:
+        """What fences the kernels in, for /health."""
+        servers = self.fork_servers
+        if not servers:
+            return {"enabled": False, "notes": ["kernels are plain processes of the server's user (no fork server)"]}
+        return servers[0].report
+
+    @property
     def healthy(self) -> bool:
         # Three failed starts in a row and nothing warm: this node cannot serve.
         return not self._closed and (self.failures_in_row < 3 or self.counts()["warm"] > 0)
 
     # -- filling ----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the fork servers now, so that isolation is known (and required isolation
+        enforced) before the first kernel is asked for."""
+        for server in self.fork_servers:
+            await server.start()
 
     def start(self) -> None:
         for name in self.specs:
@@ -177,3 +197,5 @@ class KernelPool:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self.fork_servers:
+            await server.close()

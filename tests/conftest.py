@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
-from gateway.app import create_app
+from gateway.app import create_app, create_fork_server
 from gateway.client import Client
 from gateway.config import Config
 from gateway.sessions import SessionManager
@@ -51,7 +51,10 @@ def kernel_root() -> str:
 
 @pytest_asyncio.fixture(scope="session")
 async def pool(kernel_root: str) -> AsyncIterator[KernelPool]:
-    p = KernelPool({"python3": KernelSpec(workdir_root=kernel_root)}, size=2, max_kernels=16)
+    """Kernels as a node makes them by default: forked, and isolated as far as the host allows."""
+    fork_server = create_fork_server(Config(workdir_root=kernel_root))
+    p = KernelPool({"python3": KernelSpec(workdir_root=kernel_root, fork_server=fork_server)}, size=2, max_kernels=16)
+    await p.open()
     p.start()
     yield p
     await p.close()

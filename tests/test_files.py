@@ -64,13 +64,14 @@ async def test_symlinks_planted_by_the_kernel_are_not_followed(connect: ClientFa
         assert b"server secret" not in body
 
 
-async def test_hard_links_to_outside_files_are_refused(connect: ClientFactory, kernel_root: str) -> None:
+async def test_hard_links_to_outside_files_are_refused(connect: ClientFactory) -> None:
     c = await connect()
-    # A hard link into the working directory from a file the kernel can see elsewhere.
-    outside = os.path.join(kernel_root, "outside.txt")
-    with open(outside, "w") as f:
-        f.write("elsewhere")
-    run = await c.execute(f"import os\nos.link({outside!r}, 'linked.txt')\nopen('ok.txt','w').write('ok')")
+    # A hard link into the working directory from a file of the kernel's outside it (the
+    # host refuses links to files a kernel does not own).
+    run = await c.execute(
+        "import os\noutside = os.path.join(os.environ['IPYTHONDIR'], 'profile_default', 'outside.txt')\n"
+        "open(outside, 'w').write('elsewhere')\nos.link(outside, 'linked.txt')\nopen('ok.txt','w').write('ok')"
+    )
     files = {f["name"]: f for f in await c.wait_files(run)}
     assert files["ok.txt"]["url"]
     assert files["linked.txt"]["url"] is None and files["linked.txt"]["error"]["code"] == "bad_filename"

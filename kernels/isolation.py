@@ -1,0 +1,266 @@
+"""The Linux primitives that fence a kernel in, and a probe of which this host allows.
+
+Everything here runs in the fork server or in a freshly forked kernel before any user
+code: namespaces (`unshare` through ctypes, since Python 3.11 has no `os.unshare`),
+mounts, resource limits, dropping to an unprivileged uid, and a seccomp filter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import resource
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def prctl(option: int, value: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), "prctl")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-kernel limits. Sizes in bytes; 0 switches one off."""
+
+    cpu_seconds: int = 600  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL 5 s later
+    address_space: int = 4 << 30  # RLIMIT_AS: allocations past it raise MemoryError
+    file_size: int = 64 << 20  # RLIMIT_FSIZE: a write past it fails with EFBIG
+    processes: int = 64  # RLIMIT_NPROC, counted per uid (threads too): only with a uid pool
+    open_files: int = 256  # RLIMIT_NOFILE
+    memory: int = 1 << 30  # cgroup memory limit (RSS + page cache): the OOM killer acts past it
+    pids: int = 128  # cgroup pids limit
+    cpus: float = 1.0  # cgroup CPU quota, in CPUs
+    tmp_size: int = 64 << 20  # each private tmpfs (/tmp, /var/tmp, /dev/shm)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What the fork server applies to each kernel: asked for, then cut to what the host allows."""
+
+    uids: tuple[int, int] | None = None  # inclusive range; None: kernels keep the server's uid
+    pid_namespace: bool = False
+    mount_namespace: bool = False  # private /proc, /tmp, /var/tmp, /dev/shm
+    network_namespace: bool = False
+    ipc_namespace: bool = False
+    cgroups: tuple[str, ...] = ()  # controllers in use: memory, pids, cpu
+    seccomp: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uids or self.pid_namespace or self.seccomp)
+
+    def report(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["enabled"] = self.enabled
+        out["uids"] = f"{self.uids[0]}-{self.uids[1]}" if self.uids else None
+        out["cgroups"] = list(self.cgroups)
+        return out
+
+
+def set_limits(limits: Limits, with_uid_pool: bool) -> None:
+    """Soft and hard limits alike, so the kernel cannot raise them again."""
+    pairs = [
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_AS, limits.address_space),
+        (resource.RLIMIT_FSIZE, limits.file_size),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+    ]
+    if with_uid_pool:  # per uid: without a uid of its own it would count the server's processes
+        pairs.append((resource.RLIMIT_NPROC, limits.processes))
+    for which, value in pairs:
+        if value:
+            resource.setrlimit(which, (value, value))
+    if limits.cpu_seconds:
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+
+
+def drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def private_mounts(keep: str, tmp_size: int) -> None:
+    """In a fresh mount and PID namespace: a /proc that shows only this kernel's processes
+    and empty, size-bounded /tmp, /var/tmp and /dev/shm that die with it. `keep` (the
+    kernel's own directory) stays reachable even when it lies under one of those."""
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    keep_fd = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for target in ("/tmp", "/var/tmp", "/dev/shm"):
+            if not os.path.isdir(target):
+                continue
+            mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_size},mode=1777")
+            if os.path.commonpath([keep, target]) == target:
+                os.makedirs(keep, mode=0o711, exist_ok=True)
+                mount(f"/proc/self/fd/{keep_fd}", keep, None, MS_BIND | MS_REC)
+    finally:
+        os.close(keep_fd)
+
+
+SECCOMP_DENIED = (
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "bpf",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "userfaultfd",
+    "perf_event_open",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "open_by_handle_at",
+    "kexec_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "fanotify_init",
+    "move_mount",
+    "fsopen",
+    "fsmount",
+    "open_tree",
+)
+
+
+def compile_seccomp(unix_sockets_only: bool) -> bytes:
+    """The filter as a BPF program, built once in the fork server: compiling costs about
+    10 ms, loading the result in each kernel almost nothing.
+
+    What it refuses (EPERM), a kernel never needs: namespaces in any form, ptrace,
+    bpf, keyrings, io_uring, userfaultfd, perf events, mounts, kernel modules."""
+    import tempfile
+
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(sc.ALLOW)
+    eperm = sc.ERRNO(errno.EPERM)
+    for name in SECCOMP_DENIED:
+        f.add_rule(eperm, name)
+    # clone with any namespace flag; clone3 passes its flags in memory seccomp cannot
+    # read, so it answers ENOSYS and glibc falls back to clone.
+    for flag in (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP):
+        f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    if unix_sockets_only:
+        # EOPNOTSUPP, not EPERM: libzmq treats EPERM from getifaddrs as a bug and aborts,
+        # and takes EOPNOTSUPP as "no such interface".
+        f.add_rule(sc.ERRNO(errno.EOPNOTSUPP), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def load_seccomp(program: bytes) -> None:
+    """The last step before user code. NO_NEW_PRIVS first: the kernel requires it of an
+    unprivileged filter, and it keeps setuid binaries from granting anything."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "seccomp")
+
+
+def _try_in_child(action: Any) -> bool:
+    """Run `action` in a throwaway child, so that probing changes nothing here."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            action()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def probe(
+    wanted: bool, network: bool, uids: tuple[int, int] | None, controllers: tuple[str, ...]
+) -> tuple[Isolation, list[str], bytes]:
+    """What of the wanted isolation this host gives, a note for each part it does not,
+    and the seccomp program when seccomp is in."""
+    if not wanted:
+        return Isolation(), ["isolation is switched off (--isolation off)"], b""
+    notes: list[str] = []
+    root = os.geteuid() == 0
+    if not root:
+        notes.append("not running as root: no uid pool, no namespaces")
+    ns = root and _try_in_child(lambda: unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC))
+    if root and not ns:
+        notes.append("the host refuses PID, mount and IPC namespaces")
+    net = bool(network and root and _try_in_child(lambda: unshare(CLONE_NEWNET)))
+    if network and root and not net:
+        notes.append("the host refuses network namespaces")
+    program = b""
+    try:
+        program = compile_seccomp(net)
+        seccomp = _try_in_child(lambda: load_seccomp(program))
+    except (ImportError, RuntimeError, OSError) as exc:
+        seccomp = False
+        notes.append(f"no seccomp: {exc}")
+    if not seccomp and not any(n.startswith("no seccomp") for n in notes):
+        notes.append("no seccomp: the filter did not load")
+    iso = Isolation(
+        uids=uids if root else None,
+        pid_namespace=ns,
+        mount_namespace=ns,
+        network_namespace=net,
+        ipc_namespace=ns,
+        cgroups=controllers,
+        seccomp=seccomp,
+    )
+    return iso, notes, program if seccomp else b""
