@@ -68,6 +68,7 @@ class Session:
             self.config, manager.store, manager.file_url, manager.metrics, self.publish, self._spawn
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}  # running execution -> its time limit
         self._reports: set[asyncio.Future[Any]] = set()
         self._sender = asyncio.create_task(self._send_loop())
         self._watchdog = asyncio.create_task(self._watch())
@@ -274,7 +275,14 @@ class Session:
                 return
         self.publish(channel, msg)
         self.manager.metrics.messages.labels("to_client", channel).inc()
+        if channel == "iopub" and msg_type == "execute_input":
+            # The kernel runs one execution at a time: its clock starts now, not when sent.
+            loop = asyncio.get_running_loop()
+            self._deadlines[parent] = loop.call_later(self.config.execution_timeout, self._overran, parent)
         if channel == "shell" and msg_type == "execute_reply":
+            deadline = self._deadlines.pop(parent, None)
+            if deadline is not None:
+                deadline.cancel()
             started = self._started.pop(parent, None)
             if started is not None:
                 self.manager.metrics.execution.observe(time.monotonic() - started)
@@ -305,9 +313,32 @@ class Session:
         )
         return False
 
+    def _overran(self, msg_id: str) -> None:
+        self._spawn(self._stop_overrun(msg_id))
+
+    async def _stop_overrun(self, msg_id: str, grace: float = 5.0) -> None:
+        """Past its wall-clock limit an execution is interrupted; a kernel that does not
+        answer the interrupt within `grace` seconds is killed (and replaced on the next
+        message)."""
+        kernel = self.kernel
+        if kernel is None or msg_id not in self._deadlines:
+            return
+        limit = self.config.execution_timeout
+        self.manager.metrics.errors.labels("timeout").inc()
+        message = f"the execution ran past {limit:g} s; interrupted"
+        self.publish("error", {"code": "timeout", "message": message, "msg_id": msg_id})
+        await kernel.interrupt()
+        await asyncio.sleep(grace)
+        if msg_id in self._deadlines and kernel is self.kernel:
+            self._deadlines.pop(msg_id, None)
+            await kernel.kill(f"the execution ran past {limit:g} s and ignored the interrupt")
+
     def _kernel_exited(self, kernel: Kernel) -> None:
         if kernel is not self.kernel:
             return
+        for deadline in self._deadlines.values():
+            deadline.cancel()
+        self._deadlines.clear()
         self.kernel = None
         self.kernel_busy = False
         self._spawn(self.manager.pool.release(kernel))

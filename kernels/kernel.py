@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -91,6 +92,7 @@ class Kernel:
         self._alive = True
         self._closed = False
         self.exit: Exit | None = None  # how it ended, when the fork server could tell
+        self.killed_for = ""
         self.bad_signatures = 0
         self._startup: dict[str, list[Any]] = {}  # start-up msg_id -> [future, messages still due]
 
@@ -222,9 +224,22 @@ class Kernel:
         for callback in self._on_exit:
             callback(self)
 
+    async def interrupt(self) -> None:
+        """SIGINT to the kernel (through its reaper): KeyboardInterrupt in the running cell."""
+        with contextlib.suppress(Exception):
+            await self._manager.interrupt_kernel()
+
+    async def kill(self, reason: str) -> None:
+        """End the kernel now; `reason` is what its session is told."""
+        self.killed_for = reason
+        with contextlib.suppress(Exception):
+            await self._manager.signal_kernel(signal.SIGKILL)
+
     @property
     def exit_reason(self) -> str:
         """Why the kernel process ended, in words for the client."""
+        if self.killed_for:
+            return self.killed_for
         exit = self.exit
         if exit is None:
             return "the kernel process exited"

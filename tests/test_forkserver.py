@@ -1,0 +1,83 @@
+"""Forked kernels are ordinary ipykernel kernels, each its own, and the node says how they are fenced.
+
+Interrupts, comms, widgets, matplotlib inline and tracebacks are covered by the other
+suites, which all run on forked kernels; this one covers what forking could break.
+"""
+
+from __future__ import annotations
+
+import os
+
+import aiohttp
+
+from gateway.app import create_fork_server
+from gateway.client import Client
+from gateway.config import Config
+from kernels.kernel import KernelSpec
+from kernels.pool import KernelPool
+from kernels.provisioner import ForkProvisioner
+from tests.conftest import ClientFactory, Gateway
+
+
+async def test_each_kernel_has_its_own_random_seed(connect: ClientFactory) -> None:
+    code = "import random, numpy\nprint(random.random(), numpy.random.random())"
+    a, b = await connect(), await connect()
+    first, second = (await a.execute(code)).stdout, (await b.execute(code)).stdout
+    assert first and second and first != second
+    assert set(first.split()).isdisjoint(second.split())
+
+
+async def test_forked_kernels_are_provisioned_through_jupyter_client(connect: ClientFactory, gw: Gateway) -> None:
+    c = await connect()
+    run = await c.execute("import os, sys\nprint(os.getpid(), os.getcwd() == os.environ['HOME'])")
+    assert run.stdout.split()[1] == "True"
+    kernel = gw.manager.sessions[c.info["session"]].kernel
+    assert kernel is not None
+    assert isinstance(kernel._manager.provisioner, ForkProvisioner)
+
+
+async def test_exit_is_seen_at_once_with_its_code(connect: ClientFactory) -> None:
+    c = await connect()
+    await c.execute("1")
+    await c.request("shell", "execute_request", {"code": "import os\nos._exit(3)"})
+    dead = await c.wait_event("kernel", state="dead", timeout=10)
+    assert dead["reason"] == "the kernel process exited with code 3"
+    assert (await c.execute("1+1", timeout=30)).result == {"text/plain": "2"}
+
+
+async def test_first_plot_needs_no_font_cache_build(connect: ClientFactory) -> None:
+    c = await connect()
+    run = await c.execute(
+        "import matplotlib.pyplot as plt, matplotlib.font_manager as fm\n"
+        "plt.plot([1, 2]); plt.title('hello'); plt.show()\nprint(len(fm.fontManager.ttflist) > 0)",
+        timeout=60,
+    )
+    assert run.stdout == "True\n"
+    assert any("image/png" in d["data"] for d in run.displays)
+
+
+async def test_health_reports_isolation(gw: Gateway) -> None:
+    async with aiohttp.ClientSession() as http, http.get(gw.url + "/health") as response:
+        isolation = (await response.json())["isolation"]
+    assert set(isolation) >= {"enabled", "uids", "pid_namespace", "network_namespace", "cgroups", "seccomp", "notes"}
+    if os.geteuid() == 0:
+        assert isolation["enabled"] and isolation["uids"] == "1500000-1500999"
+        assert isolation["pid_namespace"] and isolation["network_namespace"] and isolation["seccomp"]
+
+
+async def test_isolation_off_is_reported_and_kernels_still_work(kernel_root: str, start_gateway) -> None:
+    fork_server = create_fork_server(Config(workdir_root=kernel_root, isolation="off"))
+    pool = KernelPool({"python3": KernelSpec(workdir_root=kernel_root, fork_server=fork_server)}, size=0)
+    await pool.open()
+    try:
+        assert pool.isolation()["enabled"] is False
+        assert "isolation is switched off (--isolation off)" in pool.isolation()["notes"]
+        gw = await start_gateway(kernel_pool=pool)
+        c = Client(gw.url, transports=["websocket"])
+        await c.connect()
+        run = await c.execute("import os\nos.getuid() == os.geteuid()")
+        assert run.result == {"text/plain": "True"}
+        await c.drop()
+        await gw.end_sessions()
+    finally:
+        await pool.close()

@@ -1,0 +1,275 @@
+"""Hostile code is contained and told, while another session keeps being served.
+
+Each test runs an attack in one session while a second session executes `1+1` over
+and over; every one of those must answer within a second (a liveness bound: a kernel
+that escaped its limits would starve it). Every attack is bounded in itself, so that
+a containment failure fails the test and not the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import psutil
+import pytest
+import pytest_asyncio
+
+from gateway.client import Client
+from kernels.pool import KernelPool
+from tests.conftest import ClientFactory, Gateway, GatewayFactory
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel isolation needs root")
+
+
+@pytest.fixture
+def transport() -> list[str]:
+    return ["websocket"]  # these tests are about kernels, not transports
+
+
+@pytest.fixture(autouse=True)
+def isolated(pool: KernelPool) -> None:
+    report = pool.isolation()
+    assert report["enabled"] and report["pid_namespace"] and report["seccomp"], report
+
+
+class Bystander:
+    """A second session that keeps running 1+1; `misses` lists every slow or wrong answer."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.answers = 0
+        self.misses: list[str] = []
+
+    async def run(self) -> None:
+        while True:
+            try:
+                run = await asyncio.wait_for(self.client.execute("1+1"), 1.0)
+                if run.result != {"text/plain": "2"}:
+                    self.misses.append(f"wrong answer {run.result}")
+                self.answers += 1
+            except TimeoutError:
+                self.misses.append("no answer within 1 s")
+            await asyncio.sleep(0.1)
+
+
+@pytest_asyncio.fixture
+async def bystander(connect: ClientFactory) -> AsyncIterator[Bystander]:
+    b = Bystander(await connect())
+    await b.client.execute("1+1")  # its kernel attached before the attack starts
+    task = asyncio.create_task(b.run())
+    yield b
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert b.answers > 0
+    assert not b.misses, b.misses
+
+
+async def uid_of(c: Client) -> int:
+    run = await c.execute("import os\nos.getuid()")
+    uid = int(run.result["text/plain"])
+    assert uid != 0
+    return uid
+
+
+async def assert_nothing_left(uid: int) -> None:
+    """No process of the kernel's uid outlives its session."""
+    left: list[int] = []
+    for _ in range(50):
+        left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+        if not left:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"processes of kernel uid {uid} outlived the session: {left}")
+
+
+async def end(gw: Gateway, c: Client) -> None:
+    """End the attacker's session (only: the bystander's goes on)."""
+    session = gw.manager.sessions[c.info["session"]]
+    await c.drop()
+    await session.end("shutdown", "test over")
+
+
+async def test_fork_storm(connect: ClientFactory, gw: Gateway, bystander: Bystander) -> None:
+    c = await connect()
+    uid = await uid_of(c)
+    run = await c.execute(
+        "import os, time\nborn = 0\n"
+        "for _ in range(3000):\n"
+        "    try:\n        pid = os.fork()\n    except OSError as e:\n        print('refused:', e); break\n"
+        "    if pid == 0:\n        time.sleep(60); os._exit(0)\n"
+        "    born += 1\n"
+        "print('born', born)",
+        timeout=60,
+    )
+    assert "refused:" in run.stdout and "Resource temporarily unavailable" in run.stdout
+    born = int(run.stdout.split("born")[-1])
+    assert born < 128  # the process limit, not the 3000 asked for
+    assert (await c.execute("1+1")).result == {"text/plain": "2"}  # the kernel itself is fine
+    await end(gw, c)
+    await assert_nothing_left(uid)
+
+
+async def test_memory_bomb(connect: ClientFactory, bystander: Bystander) -> None:
+    c = await connect()
+    # Up to 6 GiB, really written; the kernel is allowed 1 GiB (cgroup) and 4 GiB of
+    # address space, so it dies or gets MemoryError long before.
+    run = await c.execute(
+        "hog = []\nfor _ in range(24):\n    hog.append(b'x' * (256 << 20))\nprint('survived')", timeout=60
+    )
+    if run.error is not None:
+        assert run.error["ename"] == "MemoryError"
+    else:
+        dead = await c.wait_event("kernel", state="dead", timeout=30)
+        assert "memory" in dead["reason"] or "killed" in dead["reason"]
+    assert "survived" not in run.stdout
+    # The session goes on, on a fresh kernel if it had to.
+    assert (await c.execute("1+1", timeout=30)).result == {"text/plain": "2"}
+
+
+async def test_cpu_loop_is_interrupted(
+    start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
+) -> None:
+    gw = await start_gateway(execution_timeout=2.0)
+    c = await connect(gw)
+    run = await c.execute("while True:\n    pass", timeout=30)
+    assert run.error is not None and run.error["ename"] == "KeyboardInterrupt"
+    assert [e["code"] for e in run.errors] == ["timeout"]
+    assert (await c.execute("1+1")).result == {"text/plain": "2"}  # same kernel, still alive
+    await end(gw, c)
+
+
+async def test_kernel_that_ignores_interrupts_is_killed(
+    start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
+) -> None:
+    gw = await start_gateway(execution_timeout=1.0)
+    c = await connect(gw)
+    uid = await uid_of(c)
+    await c.request(
+        "shell",
+        "execute_request",
+        {"code": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"},
+    )
+    dead = await c.wait_event("kernel", state="dead", timeout=30)
+    assert "ignored the interrupt" in dead["reason"]
+    await assert_nothing_left(uid)
+    assert (await c.execute("1+1", timeout=30)).result == {"text/plain": "2"}  # a fresh kernel
+    await end(gw, c)
+
+
+async def test_print_flood(start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander) -> None:
+    gw = await start_gateway(execution_timeout=3.0)
+    c = await connect(gw)
+    run = await c.execute("while True:\n    print('x' * 100)", timeout=30)
+    codes = [e["code"] for e in run.errors]
+    assert "output_capped" in codes and "timeout" in codes
+    assert len(run.stdout) <= gw.config.output_cap + 64 * 1024
+    await end(gw, c)
+
+
+async def test_file_past_the_size_limit(connect: ClientFactory, gw: Gateway, bystander: Bystander) -> None:
+    c = await connect()
+    run = await c.execute("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (100 << 20))")
+    assert run.error is not None and "File too large" in run.error["evalue"]
+    assert os.path.getsize(os.path.join(workdir(gw, c), "big.bin")) <= 64 << 20
+
+
+def workdir(gw: Gateway, c: Client) -> str:
+    kernel = gw.manager.sessions[c.info["session"]].kernel
+    assert kernel is not None
+    return kernel.workdir
+
+
+async def test_killing_parent_and_gateway_and_scanning_proc(connect: ClientFactory, bystander: Bystander) -> None:
+    c = await connect()
+    run = await c.execute(
+        "import os, signal\n"
+        "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+        "print('pids', pids)\n"
+        f"for name, pid in (('parent', os.getppid()), ('gateway', {os.getpid()})):\n"
+        "    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError as e:\n"
+        "        print(name, type(e).__name__)\n"
+    )
+    assert run.error is None, run.error
+    pids = eval(run.stdout.split("pids")[1].splitlines()[0])
+    assert max(pids) < 100 and os.getpid() not in pids  # its own namespace only
+    assert "parent PermissionError" in run.stdout  # its reaper is root's
+    assert "gateway ProcessLookupError" in run.stdout  # not even visible
+    assert (await c.execute("1+1")).result == {"text/plain": "2"}
+
+
+async def test_other_kernels_directories_are_unreadable(
+    connect: ClientFactory, gw: Gateway, bystander: Bystander
+) -> None:
+    a, b = await connect(), await connect()
+    await a.execute("open('secret.txt', 'w').write('mine')")
+    secret = os.path.join(workdir(gw, a), "secret.txt")
+    run = await b.execute(f"open({secret!r}).read()")
+    # Not in its mount namespace at all where kernel homes are under /tmp; else not its uid's.
+    assert run.error is not None and run.error["ename"] in ("FileNotFoundError", "PermissionError")
+
+
+async def test_no_network_with_network_isolation(connect: ClientFactory, gw: Gateway, bystander: Bystander) -> None:
+    # A listener standing in for Redis, next to the gateway's own port.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        c = await connect()
+        for port in (gw.server.port, listener.getsockname()[1]):
+            run = await c.execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+            assert run.error is not None and run.error["ename"] in ("OSError", "PermissionError"), run.error
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody got through
+    finally:
+        listener.close()
+
+
+async def test_no_user_namespaces(connect: ClientFactory, bystander: Bystander) -> None:
+    c = await connect()
+    run = await c.execute(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))\n"
+        "import subprocess\nprint(subprocess.run(['unshare', '-U', 'true'], capture_output=True).returncode)"
+    )
+    first, second = run.stdout.splitlines()
+    assert first == "-1 Operation not permitted"
+    assert second != "0"
+
+
+async def test_tmp_and_shm_are_private(connect: ClientFactory, gw: Gateway, bystander: Bystander) -> None:
+    plant = (
+        "for d in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+        "    p = d + '/leftover'\n    open(p, 'w').write('boo')\n    os.chmod(p, 0o666)\n"
+    )
+    a = await connect()
+    run = await a.execute("import os\n" + plant)
+    assert run.error is None, run.error
+    await end(gw, a)
+    b = await connect()
+    run = await b.execute(
+        "import os\nprint([os.path.exists(d + '/leftover') for d in ('/tmp', '/var/tmp', '/dev/shm')])"
+    )
+    assert run.stdout == "[False, False, False]\n"
+    assert not os.path.exists("/tmp/leftover") and not os.path.exists("/dev/shm/leftover")
+
+
+async def test_symlink_to_a_server_only_file(connect: ClientFactory, kernel_root: str, bystander: Bystander) -> None:
+    secret = os.path.join(kernel_root, "server-only.txt")
+    with open(secret, "w") as f:
+        f.write("server secret")
+    os.chmod(secret, 0o600)
+    c = await connect()
+    run = await c.execute(
+        f"import os\nos.symlink({secret!r}, 'leak.txt')\n"
+        "try:\n    open('leak.txt').read()\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        "open('real.txt', 'w').write('fine')"
+    )
+    assert run.stdout in ("PermissionError\n", "FileNotFoundError\n")  # not its uid's, or not in its /tmp
+    files = await c.wait_files(run)
+    assert [f["name"] for f in files] == ["real.txt"]  # the link is neither followed nor served
