@@ -197,11 +197,6 @@ class Kernel:
             except TimeoutError:
                 if not await self._manager.is_alive():
                     raise KernelStartError("kernel exited during start-up") from None
-        # The kernel has bound its sockets: take their directory back, so that no user
-        # code can swap a socket file for a link that a reconnect would follow.
-        statedir = os.path.join(self._home, "state")
-        os.chown(statedir, os.getuid(), os.getgid(), follow_symlinks=False)
-        os.chmod(statedir, 0o711, follow_symlinks=False)
         # A kernel's first execution pays for lazy imports (about 10 ms): pay it here,
         # silently (no history, no execution count), not in the user's first cell.
         warmup = self.make_message("execute_request", {"code": "pass", "silent": True, "store_history": False})
@@ -209,6 +204,12 @@ class Kernel:
         self._startup[warmup["header"]["msg_id"]] = [done, 2]  # its reply and its idle status
         self.send("shell", warmup)
         await done
+        # The kernel has answered, so it is done initialising (its connection file
+        # written): take the socket directory back, so that no user code can swap a
+        # socket file for a link that a reconnect would follow.
+        statedir = os.path.join(self._home, "state")
+        os.chown(statedir, os.getuid(), os.getgid(), follow_symlinks=False)
+        os.chmod(statedir, 0o711, follow_symlinks=False)
 
     async def _watch(self) -> None:
         provisioner = self._manager.provisioner
@@ -250,6 +251,11 @@ class Kernel:
         if exit.code in (128 + 24, -24):
             return "the kernel was killed: CPU time limit"
         return f"the kernel process exited with code {exit.code}"
+
+    @property
+    def pid(self) -> int | None:
+        """The kernel's process (with a fork server, its reaper) as this host sees it."""
+        return getattr(self._manager.provisioner, "pid", None)
 
     @property
     def alive(self) -> bool:
