@@ -328,7 +328,8 @@ def _stage_b(server: Server, request: dict[str, Any], child: Child) -> NoReturn:
         report = os.dup(2)  # where the kernel says why it could not start, until it starts
         _quiet_stdio(keep=report)
         if iso.mount_namespace:
-            isolation.private_mounts(request["home"], settings.limits.tmp_size)
+            python = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, *sys.path) if p}
+            isolation.private_mounts([request["home"], *sorted(python)], settings.limits.tmp_size)
         else:
             isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
         go_r, go_w = os.pipe()

@@ -119,23 +119,26 @@ def drop_privileges(uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def private_mounts(keep: str, tmp_size: int) -> None:
+def private_mounts(keep: list[str], tmp_size: int) -> None:
     """In a fresh mount and PID namespace: a /proc that shows only this kernel's processes
-    and empty, size-bounded /tmp, /var/tmp and /dev/shm that die with it. `keep` (the
-    kernel's own directory) stays reachable even when it lies under one of those."""
+    and empty, size-bounded /tmp, /var/tmp and /dev/shm that die with it. The paths in
+    `keep` (the kernel's own directory, the Python installation) stay reachable even
+    when they lie under one of those."""
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    keep_fd = os.open(keep, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep if os.path.isdir(path)}
     try:
         for target in ("/tmp", "/var/tmp", "/dev/shm"):
             if not os.path.isdir(target):
                 continue
             mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_size},mode=1777")
-            if os.path.commonpath([keep, target]) == target:
-                os.makedirs(keep, mode=0o711, exist_ok=True)
-                mount(f"/proc/self/fd/{keep_fd}", keep, None, MS_BIND | MS_REC)
+            for path, fd in fds.items():
+                if os.path.commonpath([path, target]) == target:
+                    os.makedirs(path, mode=0o755, exist_ok=True)
+                    mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
     finally:
-        os.close(keep_fd)
+        for fd in fds.values():
+            os.close(fd)
 
 
 SECCOMP_DENIED = (

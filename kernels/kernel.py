@@ -215,6 +215,9 @@ class Kernel:
         provisioner = self._manager.provisioner
         if isinstance(provisioner, ForkProvisioner):
             self.exit = await provisioner.exited()  # a pidfd: told the moment it ends
+            # What it sent just before it ended (a shutdown_reply, its last output) may
+            # still be in the sockets: let the readers deliver it first.
+            await asyncio.sleep(0.1)
         else:  # our own child process: polling it is cheap and exact
             while await self._manager.is_alive():  # noqa: ASYNC110 (no event to wait on)
                 await asyncio.sleep(0.2)
