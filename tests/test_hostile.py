@@ -36,6 +36,14 @@ def isolated(pool: KernelPool) -> None:
     assert report["enabled"] and report["pid_namespace"] and report["seccomp"], report
 
 
+@pytest_asyncio.fixture
+async def gw(start_gateway: GatewayFactory) -> AsyncIterator[Gateway]:
+    """A gateway of its own: after an attack the pool may need a while to refill."""
+    g = await start_gateway(queue_timeout=60.0)
+    yield g
+    await g.end_sessions()
+
+
 class Bystander:
     """A second session that keeps running 1+1; `misses` lists every slow or wrong answer."""
 
@@ -134,7 +142,7 @@ async def test_memory_bomb(connect: ClientFactory, bystander: Bystander) -> None
 async def test_cpu_loop_is_interrupted(
     start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
 ) -> None:
-    gw = await start_gateway(execution_timeout=2.0)
+    gw = await start_gateway(execution_timeout=2.0, queue_timeout=60.0)
     c = await connect(gw)
     run = await c.execute("while True:\n    pass", timeout=30)
     assert run.error is not None and run.error["ename"] == "KeyboardInterrupt"
@@ -146,7 +154,7 @@ async def test_cpu_loop_is_interrupted(
 async def test_kernel_that_ignores_interrupts_is_killed(
     start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
 ) -> None:
-    gw = await start_gateway(execution_timeout=1.0)
+    gw = await start_gateway(execution_timeout=1.0, queue_timeout=60.0)
     c = await connect(gw)
     uid = await uid_of(c)
     await c.request(
@@ -162,7 +170,7 @@ async def test_kernel_that_ignores_interrupts_is_killed(
 
 
 async def test_print_flood(start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander) -> None:
-    gw = await start_gateway(execution_timeout=3.0)
+    gw = await start_gateway(execution_timeout=3.0, queue_timeout=60.0)
     c = await connect(gw)
     run = await c.execute("while True:\n    print('x' * 100)", timeout=30)
     codes = [e["code"] for e in run.errors]
