@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from aiohttp import web
@@ -24,17 +25,8 @@ log = logging.getLogger(__name__)
 def create_fork_server(config: Config) -> ForkServer | None:
     if not config.fork_server:
         return None
-    limits = Limits(
-        cpu_seconds=config.kernel_cpu_seconds,
-        address_space=config.kernel_address_space,
-        file_size=config.kernel_file_size,
-        processes=config.kernel_processes,
-        open_files=config.kernel_open_files,
-        memory=config.kernel_memory,
-        pids=config.kernel_pids,
-        cpus=config.kernel_cpus,
-        tmp_size=config.kernel_tmp_size,
-    )
+    # Every per-kernel limit is the setting of the same name with a kernel_ prefix.
+    limits = Limits(**{f.name: getattr(config, "kernel_" + f.name) for f in dataclasses.fields(Limits)})
     return ForkServer(
         root=config.workdir_root or default_root(),
         isolation=config.isolation != "off",

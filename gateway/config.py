@@ -154,7 +154,9 @@ def validate(config: Config) -> None:
     for name in ("pool_size", "sessions_per_client", "max_files"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
-    for name in ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port"):
+    positive = ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port")
+    positive += ("execution_timeout", "kernel_address_space", "kernel_open_files")
+    for name in positive:
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if config.isolation not in ("auto", "required", "off"):
@@ -167,9 +169,6 @@ def validate(config: Config) -> None:
             problems.append("--kernel-uids must hold at least --max-kernels uids")
     except ValueError:
         problems.append("--kernel-uids must be a range like 1500000-1500999 of non-root uids")
-    for name in ("execution_timeout", "kernel_address_space", "kernel_open_files"):
-        if getattr(config, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append("--log-level must be debug, info, warning or error")
     if problems:

@@ -160,7 +160,6 @@ class Server:
         sel.register(listener, selectors.EVENT_READ)
         sel.register(wake_r, selectors.EVENT_READ)
         sel.register(sys.stdin.fileno(), selectors.EVENT_READ)
-        self._listener = listener
         self._say({"ready": True, "isolation": self.isolation.report(), "notes": self.notes})
         while not stopping:
             for key, _ in sel.select(timeout=1.0):
