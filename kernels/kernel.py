@@ -18,7 +18,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -89,6 +89,7 @@ class Kernel:
         self._on_exit: list[Callable[[Kernel], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._iopub_live = asyncio.Event()
+        self._gone = asyncio.Event()  # its process has ended
         self._alive = True
         self._closed = False
         self.exit: Exit | None = None  # how it ended, when the fork server could tell
@@ -185,7 +186,7 @@ class Kernel:
             self._sockets[channel] = sock
             self._tasks.append(asyncio.create_task(self._read(channel, sock)))
         self._tasks.append(asyncio.create_task(self._watch()))
-        await asyncio.gather(*handshakes)
+        await self._unless_gone(asyncio.gather(*handshakes))
         # ZMQ's slow joiner: a SUB socket misses whatever is published before its
         # subscription reaches the kernel. ipykernel 7 greets each new subscriber with
         # iopub_welcome; older kernels answer kernel_info with a status on IOPub.
@@ -203,13 +204,30 @@ class Kernel:
         done = asyncio.get_running_loop().create_future()
         self._startup[warmup["header"]["msg_id"]] = [done, 2]  # its reply and its idle status
         self.send("shell", warmup)
-        await done
+        await self._unless_gone(done)
         # The kernel has answered, so it is done initialising (its connection file
         # written): take the socket directory back, so that no user code can swap a
         # socket file for a link that a reconnect would follow.
         statedir = os.path.join(self._home, "state")
         os.chown(statedir, os.getuid(), os.getgid(), follow_symlinks=False)
         os.chmod(statedir, 0o711, follow_symlinks=False)
+
+    async def _unless_gone(self, step: Awaitable[Any]) -> Any:
+        """Wait for a start-up step, but fail at once if the kernel dies meanwhile: a
+        kernel that exits before it binds would otherwise be waited for until the
+        start timeout."""
+        task = asyncio.ensure_future(step)
+        gone = asyncio.ensure_future(self._gone.wait())
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise KernelStartError(f"kernel exited during start-up ({self.exit_reason})")
+        return task.result()
 
     async def _watch(self) -> None:
         provisioner = self._manager.provisioner
@@ -221,6 +239,7 @@ class Kernel:
         else:  # our own child process: polling it is cheap and exact
             while await self._manager.is_alive():  # noqa: ASYNC110 (no event to wait on)
                 await asyncio.sleep(0.2)
+        self._gone.set()
         if self._closed:
             return
         self._alive = False

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 
 import aiohttp
+import pytest
 
 from gateway.app import create_fork_server
 from gateway.client import Client
 from gateway.config import Config
-from kernels.kernel import KernelSpec
+from kernels.kernel import Kernel, KernelSpec, KernelStartError
 from kernels.pool import KernelPool
 from kernels.provisioner import ForkProvisioner
 from tests.conftest import ClientFactory, Gateway
@@ -81,3 +82,15 @@ async def test_isolation_off_is_reported_and_kernels_still_work(kernel_root: str
         await gw.end_sessions()
     finally:
         await pool.close()
+
+
+async def test_kernel_that_dies_while_starting_fails_its_start(kernel_root: str) -> None:
+    # Eight open files are too few for ipykernel: it dies before it binds its sockets.
+    # The start must say so at once, not wait out its (here very long) timeout.
+    fork_server = create_fork_server(Config(workdir_root=kernel_root, kernel_open_files=8))
+    assert fork_server is not None
+    try:
+        with pytest.raises(KernelStartError, match="exited during start-up"):
+            await Kernel.start(KernelSpec(workdir_root=kernel_root, fork_server=fork_server, start_timeout=3600))
+    finally:
+        await fork_server.close()
