@@ -18,7 +18,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -59,13 +59,21 @@ def default_root() -> str:
     return os.path.join(tempfile.gettempdir(), "cellgate-kernels")
 
 
-async def _handshake(sock: zmq.asyncio.Socket) -> None:
+def _handshake(sock: zmq.asyncio.Socket) -> Coroutine[Any, Any, None]:
+    """Done once `sock` has completed a ZMTP handshake. Call it before `connect`: the
+    monitor sees only what happens after it is attached, and a handshake can finish
+    before a coroutine would first run."""
     monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        await monitor.recv_multipart()
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
+
+    async def succeeded() -> None:
+        try:
+            await monitor.recv_multipart()
+        finally:
+            if not sock.closed:  # a start abandoned mid-way has closed it already
+                sock.disable_monitor()
+            monitor.close(linger=0)
+
+    return succeeded()
 
 
 def now_iso() -> str:
@@ -222,10 +230,12 @@ class Kernel:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if not task.done():  # the kernel died, or the whole start was given up
+                task.cancel()
+                await asyncio.wait({task})
+                if not task.cancelled():
+                    task.exception()  # retrieved: a gather given up on must not log
+        if gone.done() and not gone.cancelled():
             raise KernelStartError(f"kernel exited during start-up ({self.exit_reason})")
         return task.result()
 

@@ -123,6 +123,6 @@ async def test_pool_refills_in_the_background(pool: KernelPool, start_gateway: G
         if pool.counts()["warm"] >= pool.size:
             break
         await asyncio.sleep(0.1)
-    assert pool.counts()["warm"] == pool.size
+    assert pool.counts()["warm"] == pool.size, (pool.counts(), pool.last_error)
     await c.drop()
     await gw.end_sessions()
