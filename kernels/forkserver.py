@@ -41,13 +41,16 @@ from kernels.isolation import Limits
 MAX_REQUEST = 1 << 20
 # ipykernel's own start-up imports, and what a notebook's first cells reach for.
 PRELOAD = (
-    "ipykernel.kernelapp",
+    "kernels.kernelapp",
     "ipykernel.ipkernel",
     "ipykernel.zmqshell",
     "ipykernel.debugger",
     "ipykernel.comm",
     "IPython.core.completerlib",
     "IPython.core.debugger",
+    "IPython.core.logger",
+    "IPython.core.oinspect",
+    "IPython.utils.wildcard",
     "IPython.extensions.storemagic",
     "tornado.platform.asyncio",
     "faulthandler",
@@ -138,6 +141,21 @@ class Server:
         self.children: dict[int, Child] = {}  # reaper pid -> what to reclaim when it exits
         self.handoffs: dict[int, Child] = {}  # pipe from a stage A -> its kernel, pid not yet known
         self.count = 0
+        self._configs: dict[tuple[str, ...], Any] = {}
+
+    def kernel_config(self, argv: list[str]) -> Any:
+        """ipykernel's command line, parsed here once: argparse over every configurable
+        class costs a kernel about 10 ms, and every kernel of a node gets the same one."""
+        key = tuple(argv)
+        if key not in self._configs:
+            from ipykernel.kernelapp import IPKernelApp
+
+            app = IPKernelApp()  # a throwaway, not the singleton a kernel uses
+            app.parse_command_line(list(argv))
+            if app.subapp is not None or app.extra_args:
+                raise ValueError(f"not a kernel's command line: {argv}")
+            self._configs[key] = app.config
+        return self._configs[key]
 
     # -- the loop ---------------------------------------------------------------
 
@@ -200,11 +218,13 @@ class Server:
                     conn.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
 
     def _spawn(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        config = self.kernel_config(request.get("argv", []))  # first: a bad one costs nothing
         uid = None
         if self.isolation.uids:
             if not self.free_uids:
                 raise RuntimeError("every kernel uid is in use")
             uid = self.free_uids.popleft()
+        request["config"] = config
         self.count += 1
         child = Child(uid, None)
         try:
@@ -413,11 +433,13 @@ def _stage_c(server: Server, request: dict[str, Any], uid: int | None, report: i
         if iso.seccomp:
             isolation.load_seccomp(server.seccomp)
         _fresh_randomness()
-        from ipykernel.kernelapp import IPKernelApp
-
         sys.argv = ["ipykernel_launcher", "-f", connection_file, *request.get("argv", [])]
-        app = IPKernelApp.instance()
-        app.initialize(sys.argv[1:])
+        config = request["config"]  # our own copy: we are a fork of the server
+        config.IPKernelApp.connection_file = connection_file
+        from kernels.kernelapp import ParsedKernelApp
+
+        app = ParsedKernelApp.instance(config=config)
+        app.initialize([])
         if os.read(go, 1) != b"1":  # the reaper could not put us in our memory cgroup
             raise RuntimeError("the kernel's cgroup could not be joined")
         os.close(go)

@@ -16,7 +16,7 @@ from gateway.client import Client
 from gateway.config import Config
 from kernels.kernel import Kernel, KernelSpec, KernelStartError
 from kernels.pool import KernelPool
-from kernels.provisioner import ForkProvisioner
+from kernels.provisioner import ForkProvisioner, ForkServerError
 from tests.conftest import ClientFactory, Gateway
 
 
@@ -35,6 +35,20 @@ async def test_forked_kernels_are_provisioned_through_jupyter_client(connect: Cl
     kernel = gw.manager.sessions[c.info["session"]].kernel
     assert kernel is not None
     assert isinstance(kernel._manager.provisioner, ForkProvisioner)
+
+
+async def test_a_fresh_kernel_is_configured_from_its_command_line_and_untouched(connect: ClientFactory) -> None:
+    # The fork server parses ipykernel's command line once for every kernel, and the
+    # start-up warm-up runs code: neither may show in what the user's first cell sees.
+    c = await connect()
+    run = await c.execute(
+        "from ipykernel.kernelapp import IPKernelApp\n"
+        "app = IPKernelApp.instance()\n"
+        "print(app.connection_file.endswith('/state/kernel.json'), get_ipython().history_manager.enabled)\n"
+        "print(sorted(Out), [n for n in ('_', '__', '_i') if n in globals() and globals()[n] != ''])"
+    )
+    assert run.stdout == "True False\n[] []\n"
+    assert run.reply is not None and run.reply["execution_count"] == 1
 
 
 async def test_exit_is_seen_at_once_with_its_code(connect: ClientFactory) -> None:
@@ -94,3 +108,15 @@ async def test_kernel_that_dies_while_starting_fails_its_start(kernel_root: str)
             await Kernel.start(KernelSpec(workdir_root=kernel_root, fork_server=fork_server, start_timeout=3600))
     finally:
         await fork_server.close()
+
+
+async def test_a_command_line_that_is_not_a_kernels_is_refused(pool: KernelPool) -> None:
+    (server,) = pool.fork_servers
+    with pytest.raises(ForkServerError, match="not a kernel's command line"):
+        await server.spawn("/nonexistent", ["script.py"], {})
+    # The refusal cost the server nothing: it goes on forking kernels.
+    kernel = await Kernel.start(KernelSpec(workdir_root=server.root, fork_server=server))
+    try:
+        assert kernel.alive
+    finally:
+        await kernel.shutdown()
