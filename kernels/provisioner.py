@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ class ForkServer:
         self._exits: dict[int, asyncio.Future[Exit]] = {}
         self._launches: dict[str, asyncio.Future[None]] = {}
         self.report: dict[str, Any] = {"enabled": False, "note": "the fork server has not started yet"}
+        self.specs = ForkSpecs(fork_socket=self.socket_path)  # what its kernels' managers look specs up in
         _SERVERS[self.socket_path] = self
 
     async def start(self) -> None:
@@ -198,18 +200,26 @@ def forkable(spec: KernelSpec) -> bool:
 
 
 class ForkSpecs(KernelSpecManager):
-    """Installed kernel specs, with Python ones pointed at the fork provisioner."""
+    """Installed kernel specs, with Python ones pointed at the fork provisioner. Each
+    spec is read once per fork server (a lookup walks every kernel directory, a few ms
+    of each start); a new or changed spec is seen when the node restarts."""
 
     fork_socket = Unicode("")
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._read: dict[str, KernelSpec] = {}
+
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        spec = super().get_kernel_spec(kernel_name)
-        if self.fork_socket and forkable(spec):
-            spec.metadata = {
-                **spec.metadata,
-                "kernel_provisioner": {"provisioner_name": PROVISIONER, "config": {"fork_socket": self.fork_socket}},
-            }
-        return spec
+        if kernel_name not in self._read:
+            spec = super().get_kernel_spec(kernel_name)
+            if self.fork_socket and forkable(spec):
+                provisioner = {"provisioner_name": PROVISIONER, "config": {"fork_socket": self.fork_socket}}
+                spec.metadata = {**spec.metadata, "kernel_provisioner": provisioner}
+            self._read[kernel_name] = spec
+        read = self._read[kernel_name]
+        # A copy: a KernelManager is free to change the one it is given.
+        return KernelSpec(resource_dir=read.resource_dir, **copy.deepcopy(read.to_dict()))
 
 
 class ForkProvisioner(LocalProvisioner):
