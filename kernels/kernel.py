@@ -29,13 +29,14 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
 from kernels.environment import kernel_environment
-from kernels.provisioner import Exit, ForkProvisioner, ForkServer, ForkSpecs
+from kernels.provisioner import Exit, ForkProvisioner, ForkServer
 
 log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "control", "stdin", "iopub")
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.3"
+WARMUP = "get_ipython().display_formatter.format(0)"
 
 Message = dict[str, Any]
 Listener = Callable[[str, Message], None]
@@ -123,7 +124,7 @@ class Kernel:
         # busy node, nothing reachable over the network.
         options: dict[str, Any] = {}
         if spec.fork_server is not None:
-            options["kernel_spec_manager"] = ForkSpecs(fork_socket=spec.fork_server.socket_path)
+            options["kernel_spec_manager"] = spec.fork_server.specs
         manager = AsyncKernelManager(
             kernel_name=spec.name,
             transport="ipc",
@@ -199,16 +200,21 @@ class Kernel:
         # subscription reaches the kernel. ipykernel 7 greets each new subscriber with
         # iopub_welcome; older kernels answer kernel_info with a status on IOPub.
         # Either proves the subscription live, so no output of the first cell is lost.
+        # Ask only once the greeting is late: an answer the kernel need not give is a
+        # message it handles before our warm-up.
+        patience = 0.05
         while not self._iopub_live.is_set():
-            self.send("shell", self.make_message("kernel_info_request", {}))
             try:
-                await asyncio.wait_for(self._iopub_live.wait(), 0.25)
+                await asyncio.wait_for(self._iopub_live.wait(), patience)
             except TimeoutError:
                 if not await self._manager.is_alive():
                     raise KernelStartError("kernel exited during start-up") from None
-        # A kernel's first execution pays for lazy imports (about 10 ms): pay it here,
-        # silently (no history, no execution count), not in the user's first cell.
-        warmup = self.make_message("execute_request", {"code": "pass", "silent": True, "store_history": False})
+                self.send("shell", self.make_message("kernel_info_request", {}))
+                patience = 0.25
+        # A kernel's first execution pays for lazy imports, and its first result for
+        # IPython's formatters (about 10 ms together): pay it here, silently (no
+        # history, no execution count, nothing in the user's namespace).
+        warmup = self.make_message("execute_request", {"code": WARMUP, "silent": True, "store_history": False})
         done = asyncio.get_running_loop().create_future()
         self._startup[warmup["header"]["msg_id"]] = [done, 2]  # its reply and its idle status
         self.send("shell", warmup)
