@@ -5,16 +5,21 @@ Run by the gateway as `python -m kernels.forkserver SETTINGS_JSON` with a pipe o
 a pipe on stdout (one JSON line when ready, then one per kernel that exits). Requests
 come on a Unix SOCK_SEQPACKET socket only the server's uid can use.
 
-Each kernel is three forks away from here:
+Each kernel is three forks away from here, and the forks are made ahead: one spare
+(B and C, fenced into their namespaces but nobody's yet) waits for the next request,
+so a request costs no fork at all, and a new spare is forked while that kernel starts.
 
-    fork server ── A: cgroup, uid's directories, unshare(PID, mount, IPC, UTS, net)
+    fork server ── A: unshare(PID, mount, IPC, UTS, net), then exits
                    └── B: PID 1 of the new namespace, a tiny reaper; private /proc, /tmp
-                       └── C: limits, its own uid, seccomp, then IPKernelApp
+                       └── C: waits for its orders; then limits, its own uid, seccomp,
+                              IPKernelApp
 
-A answers the gateway with B's pid and a pidfd for it, and exits; B is re-parented
-here (we are a child subreaper). Killing B ends the namespace, so every process the
-kernel started dies with it. The fork server never reads a kernel's key: C, still
-root, reads it from the connection file in the kernel's root-owned directory.
+A request is handed to the spare's B as orders (home, env, uid, cgroup): B gives the
+uid its directories, passes the orders to C and puts C in its cgroups while C
+initialises. The server answers the gateway with B's pid and a pidfd for it; B is
+re-parented here (we are a child subreaper). Killing B ends the namespace, so every
+process the kernel started dies with it. The fork server never reads a kernel's key:
+C, still root, reads it from the connection file in the kernel's root-owned directory.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import gc
 import json
 import os
+import pickle
 import selectors
 import signal
 import socket
@@ -125,6 +131,36 @@ class Child:
     cgroup: KernelCgroup | None
 
 
+class Spare:
+    """A reaper (B) and its kernel-to-be (C), forked and fenced into their namespaces
+    ahead of any request: neither knows yet which kernel it will be, and neither holds
+    anything of one. The orders socket tells B; B tells C."""
+
+    def __init__(self, orders: socket.socket, handoff: int) -> None:
+        self.orders = orders
+        self._handoff = handoff  # A writes B's pid here
+        self.pid: int | None = None
+
+    def reaper(self) -> int:
+        if self.pid is None:
+            data = os.read(self._handoff, 4)  # at once, unless A is still forking B
+            os.close(self._handoff)
+            self._handoff = -1
+            if len(data) != 4:
+                raise OSError("the kernel's reaper could not be made (see the fork server's log)")
+            self.pid = struct.unpack("i", data)[0]
+        return self.pid
+
+    def discard(self) -> None:
+        if self._handoff >= 0:
+            os.close(self._handoff)
+            self._handoff = -1
+        self.orders.close()  # B reads end-of-file and exits; C dies with it
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -139,7 +175,7 @@ class Server:
         uids = self.isolation.uids
         self.free_uids: deque[int] = deque(range(uids[0], uids[1] + 1) if uids else ())
         self.children: dict[int, Child] = {}  # reaper pid -> what to reclaim when it exits
-        self.handoffs: dict[int, Child] = {}  # pipe from a stage A -> its kernel, pid not yet known
+        self.spare: Spare | None = None  # the next kernel's processes, forked ahead
         self.count = 0
         self._configs: dict[tuple[str, ...], Any] = {}
 
@@ -178,6 +214,7 @@ class Server:
         sel.register(listener, selectors.EVENT_READ)
         sel.register(wake_r, selectors.EVENT_READ)
         sel.register(sys.stdin.fileno(), selectors.EVENT_READ)
+        self.spare = self._fork_spare()
         self._say({"ready": True, "isolation": self.isolation.report(), "notes": self.notes})
         while not stopping:
             for key, _ in sel.select(timeout=1.0):
@@ -192,6 +229,8 @@ class Server:
         self.stop()
 
     def stop(self) -> None:
+        if self.spare is not None:
+            self.spare.discard()
         for pid in list(self.children):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -230,32 +269,45 @@ class Server:
         try:
             if self.cgroups and self.cgroups.places:
                 child.cgroup = self.cgroups.create(f"k-{os.getpid()}-{self.count}", self.settings.limits)
-            handoff_r, handoff_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
+            pid, pidfd = self._hand_to_spare(pickle.dumps((request, child)))
         except BaseException:
             self._reclaim(child)
             raise
+        self.children[pid] = child
+        try:
+            socket.send_fds(conn, [json.dumps({"pid": pid, "uid": uid}).encode()], [pidfd])
+        finally:
+            os.close(pidfd)
+        self.spare = self._fork_spare()  # the next one, while this kernel initialises
+
+    def _hand_to_spare(self, orders: bytes) -> tuple[int, int]:
+        """Give a kernel's orders to the spare (made now if there is none, or again if
+        it died): its reaper's pid and a pidfd for it."""
+        for attempt in range(2):
+            spare, self.spare = self.spare or self._fork_spare(), None
+            try:
+                pid = spare.reaper()
+                pidfd = os.pidfd_open(pid)  # before the orders: it cannot have been reaped yet
+                spare.orders.send(orders)
+                spare.orders.close()
+                return pid, pidfd
+            except OSError:
+                spare.discard()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fork_spare(self) -> Spare:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handoff_r, handoff_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
         if pid == 0:
             os.close(handoff_r)
-            _stage_a(self, conn, request, child, handoff_w)
+            ours.close()
+            _stage_a(self, theirs, handoff_w)
         os.close(handoff_w)
-        os.set_blocking(handoff_r, False)
-        self.handoffs[handoff_r] = child
-
-    def _take_handoffs(self) -> None:
-        """A writes the reaper's pid here before it exits, so by the time the reaper is
-        re-parented to us (and can be reaped) its pid is known."""
-        for fd, child in list(self.handoffs.items()):
-            try:
-                data = os.read(fd, 4)
-            except BlockingIOError:
-                continue
-            del self.handoffs[fd]
-            os.close(fd)
-            if len(data) == 4:
-                self.children[struct.unpack("i", data)[0]] = child
-            else:  # A failed before it forked a reaper
-                self._reclaim(child)
+        theirs.close()
+        return Spare(ours, handoff_r)
 
     def _reap(self) -> None:
         while True:
@@ -265,9 +317,11 @@ class Server:
                 return
             if pid == 0:
                 return
-            self._take_handoffs()
             child = self.children.pop(pid, None)
             if child is None:
+                if self.spare is not None and self.spare.pid == pid:
+                    self.spare.discard()  # it died waiting (killed by hand, say): make another
+                    self.spare = None
                 continue  # a stage A, or an orphan of some kernel re-parented here
             oom = bool(child.cgroup and child.cgroup.oom_killed())
             self._reclaim(child)
@@ -297,18 +351,14 @@ def _kill_uid(uid: int) -> None:
 # -- in the children ----------------------------------------------------------
 
 
-def _stage_a(server: Server, conn: socket.socket, request: dict[str, Any], child: Child, handoff: int) -> NoReturn:
+def _stage_a(server: Server, orders: socket.socket, handoff: int) -> NoReturn:
+    """Makes the namespaces and forks their PID 1 into them; exits once the server knows its pid."""
     try:
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         os.setsid()
         iso = server.isolation
-        home = request["home"]
-        if child.uid is not None:
-            # The gateway made these a moment ago; nothing but us has touched them yet.
-            for sub in ("work", "state"):
-                os.chown(os.path.join(home, sub), child.uid, child.uid, follow_symlinks=False)
         flags = 0
         if iso.pid_namespace:
             flags |= isolation.CLONE_NEWPID | isolation.CLONE_NEWNS | isolation.CLONE_NEWIPC | isolation.CLONE_NEWUTS
@@ -318,46 +368,66 @@ def _stage_a(server: Server, conn: socket.socket, request: dict[str, Any], child
             isolation.unshare(flags)
         pid = os.fork()
         if pid == 0:
-            _stage_b(server, request, child)
+            os.close(handoff)
+            _stage_b(server, orders)
         os.write(handoff, struct.pack("i", pid))
-        pidfd = os.pidfd_open(pid)
-        socket.send_fds(conn, [json.dumps({"pid": pid, "uid": child.uid}).encode()], [pidfd])
         os._exit(0)
-    except BaseException as exc:
-        with contextlib.suppress(BaseException):
-            conn.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+    except BaseException:
+        traceback.print_exc()
         os._exit(1)
 
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _quiet_stdio(keep: int) -> None:
+def _quiet_stdio(keep: tuple[int, ...]) -> None:
+    """Standard streams to /dev/null, every other descriptor but `keep` closed (the
+    server's listener and pipes among them)."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    os.closerange(3, keep)
-    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-def _stage_b(server: Server, request: dict[str, Any], child: Child) -> NoReturn:
-    """The reaper: PID 1 of the kernel's namespace, or a subreaper where there is none."""
+def _stage_b(server: Server, orders: socket.socket) -> NoReturn:
+    """The reaper: PID 1 of the kernel's namespace, or a subreaper where there is none.
+    It and its kernel-to-be are made ahead; the orders say which kernel they become."""
     iso, settings = server.isolation, server.settings
     try:
         report = os.dup(2)  # where the kernel says why it could not start, until it starts
-        _quiet_stdio(keep=report)
+        _quiet_stdio(keep=(report, orders.fileno()))
         if iso.mount_namespace:
+            # The kernel root, not one home: this process does not know its kernel yet.
+            # Other kernels' homes under it stay closed to this one by their owners' modes.
             python = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, *sys.path) if p}
-            isolation.private_mounts([request["home"], *sorted(python)], settings.limits.tmp_size)
+            isolation.private_mounts([os.path.realpath(settings.root), *sorted(python)], settings.limits.tmp_size)
         else:
             isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
         go_r, go_w = os.pipe()
+        task_r, task_w = os.pipe()
         kernel = os.fork()
         if kernel == 0:
+            orders.close()
             os.close(go_w)
-            _stage_c(server, request, child.uid, report, go_r)
+            os.close(task_w)
+            _stage_c(server, task_r, report, go_r)
         os.close(report)
         os.close(go_r)
+        os.close(task_r)
+        data = orders.recv(MAX_REQUEST)  # waits here until a kernel is asked for
+        if not data:  # the server is done with us: nothing was started
+            os._exit(0)
+        request, child = pickle.loads(data)
+        if child.uid is not None:
+            # The gateway made these a moment ago; nothing but us has touched them yet.
+            for sub in ("work", "state"):
+                os.chown(os.path.join(request["home"], sub), child.uid, child.uid, follow_symlinks=False)
+        with os.fdopen(task_w, "wb") as task:
+            task.write(pickle.dumps((request, child.uid)))
         if child.cgroup:
             # Joining cgroups costs 10-20 ms (the host synchronises RCU): the reaper
             # does it while the kernel initialises, and the kernel waits for it before
@@ -408,11 +478,17 @@ def _kill_children() -> None:
         time.sleep(0.01)
 
 
-def _stage_c(server: Server, request: dict[str, Any], uid: int | None, report: int, go: int) -> NoReturn:
-    """The kernel: fenced in step by step, seccomp last, then ipykernel as usual."""
+def _stage_c(server: Server, task: int, report: int, go: int) -> NoReturn:
+    """The kernel: told which one it is, fenced in step by step, seccomp last, then
+    ipykernel as usual."""
     iso, settings = server.isolation, server.settings
     try:
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
+        with os.fdopen(task, "rb") as f:
+            orders = f.read()  # waits, as its reaper does, until a kernel is asked for
+        if not orders:
+            os._exit(0)
+        request, uid = pickle.loads(orders)
         home = request["home"]
         # Still root: read the key from the kernel's root-owned directory, never
         # following a link.

@@ -6,9 +6,11 @@ suites, which all run on forked kernels; this one covers what forking could brea
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import aiohttp
+import psutil
 import pytest
 
 from gateway.app import create_fork_server
@@ -16,7 +18,7 @@ from gateway.client import Client
 from gateway.config import Config
 from kernels.kernel import Kernel, KernelSpec, KernelStartError
 from kernels.pool import KernelPool
-from kernels.provisioner import ForkProvisioner, ForkServerError
+from kernels.provisioner import ForkProvisioner, ForkServer, ForkServerError
 from tests.conftest import ClientFactory, Gateway
 
 
@@ -120,3 +122,44 @@ async def test_a_command_line_that_is_not_a_kernels_is_refused(pool: KernelPool)
         assert kernel.alive
     finally:
         await kernel.shutdown()
+
+
+def fork_server_processes(server: ForkServer) -> list[psutil.Process]:
+    """The fork server and everything forked from it (spares and reapers run as root)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if server.socket_path in " ".join(p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
+async def test_a_spare_that_died_is_replaced_and_none_outlives_the_server(kernel_root: str) -> None:
+    server = create_fork_server(Config(workdir_root=kernel_root))
+    assert server is not None
+    await server.start()
+    try:
+        assert server._process is not None
+        main = psutil.Process(server._process.pid)
+        # Nothing is running but the spare: a reaper and its kernel-to-be, both waiting
+        # (the process that made their namespaces exits once the reaper exists).
+        spare: list[psutil.Process] = []
+        for _ in range(100):
+            spare = [p for p in main.children(recursive=True) if p.uids().real == 0]
+            if len(spare) == 2 and all(p.status() == psutil.STATUS_SLEEPING for p in spare):
+                break
+            await asyncio.sleep(0.05)
+        assert len(spare) == 2
+        for p in spare:
+            p.kill()
+        kernel = await Kernel.start(KernelSpec(workdir_root=kernel_root, fork_server=server))
+        try:
+            assert kernel.alive
+        finally:
+            await kernel.shutdown()
+    finally:
+        await server.close()
+    for _ in range(50):
+        if not fork_server_processes(server):
+            break
+        await asyncio.sleep(0.1)
+    assert fork_server_processes(server) == []
