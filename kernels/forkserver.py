@@ -7,7 +7,8 @@ come on a Unix SOCK_SEQPACKET socket only the server's uid can use.
 
 Each kernel is three forks away from here, and the forks are made ahead: one spare
 (B and C, fenced into their namespaces but nobody's yet) waits for the next request,
-so a request costs no fork at all, and a new spare is forked while that kernel starts.
+so a request costs no fork at all. The next spare is forked 150 ms later, once that
+kernel has had the cores to itself, or at once if another request comes first.
 
     fork server ── A: unshare(PID, mount, IPC, UTS, net), then exits
                    └── B: PID 1 of the new namespace, a tiny reaper; private /proc, /tmp
@@ -45,6 +46,7 @@ from kernels.cgroups import Cgroups, KernelCgroup
 from kernels.isolation import Limits
 
 MAX_REQUEST = 1 << 20
+SPARE_DELAY = 0.15  # seconds: about as long as a kernel's start takes
 # ipykernel's own start-up imports, and what a notebook's first cells reach for.
 PRELOAD = (
     "kernels.kernelapp",
@@ -176,6 +178,7 @@ class Server:
         self.free_uids: deque[int] = deque(range(uids[0], uids[1] + 1) if uids else ())
         self.children: dict[int, Child] = {}  # reaper pid -> what to reclaim when it exits
         self.spare: Spare | None = None  # the next kernel's processes, forked ahead
+        self._spare_due = 0.0  # when to fork the next one, if there is none
         self.count = 0
         self._configs: dict[tuple[str, ...], Any] = {}
 
@@ -217,7 +220,8 @@ class Server:
         self.spare = self._fork_spare()
         self._say({"ready": True, "isolation": self.isolation.report(), "notes": self.notes})
         while not stopping:
-            for key, _ in sel.select(timeout=1.0):
+            wait = 1.0 if self.spare is not None else max(0.0, self._spare_due - time.monotonic())
+            for key, _ in sel.select(timeout=wait):
                 if key.fileobj is listener:
                     self._accept(listener)
                 elif key.fileobj == wake_r:
@@ -226,6 +230,8 @@ class Server:
                 elif not os.read(sys.stdin.fileno(), 4096):  # the gateway is gone
                     stopping.append(True)
             self._reap()
+            if self.spare is None and time.monotonic() >= self._spare_due:
+                self.spare = self._fork_spare()
         self.stop()
 
     def stop(self) -> None:
@@ -278,7 +284,9 @@ class Server:
             socket.send_fds(conn, [json.dumps({"pid": pid, "uid": uid}).encode()], [pidfd])
         finally:
             os.close(pidfd)
-        self.spare = self._fork_spare()  # the next one, while this kernel initialises
+        # The next spare once this kernel has had the cores to itself for a while: a
+        # fork now would compete with its start. A request before then makes one.
+        self._spare_due = time.monotonic() + SPARE_DELAY
 
     def _hand_to_spare(self, orders: bytes) -> tuple[int, int]:
         """Give a kernel's orders to the spare (made now if there is none, or again if
