@@ -138,20 +138,38 @@ class Spare:
     ahead of any request: neither knows yet which kernel it will be, and neither holds
     anything of one. The orders socket tells B; B tells C."""
 
-    def __init__(self, orders: socket.socket, handoff: int) -> None:
+    def __init__(self, maker: int, orders: socket.socket, handoff: int) -> None:
+        self.maker = maker  # A's pid
         self.orders = orders
         self._handoff = handoff  # A writes B's pid here
         self.pid: int | None = None
 
     def reaper(self) -> int:
+        """B's pid, as this host sees it (waiting for A, if A is still forking B)."""
         if self.pid is None:
-            data = os.read(self._handoff, 4)  # at once, unless A is still forking B
+            data = os.read(self._handoff, 4)
             os.close(self._handoff)
             self._handoff = -1
             if len(data) != 4:
                 raise OSError("the kernel's reaper could not be made (see the fork server's log)")
             self.pid = struct.unpack("i", data)[0]
         return self.pid
+
+    def take(self, orders: bytes) -> int | None:
+        """Give it a kernel's orders: a pidfd for its reaper, or None if it died waiting."""
+        try:
+            pidfd = os.pidfd_open(self.reaper())  # before the orders: B cannot be reaped yet
+        except OSError:
+            self.discard()
+            return None
+        try:
+            self.orders.send(orders)
+        except OSError:
+            os.close(pidfd)
+            self.discard()
+            return None
+        self.orders.close()
+        return pidfd
 
     def discard(self) -> None:
         if self._handoff >= 0:
@@ -275,10 +293,11 @@ class Server:
         try:
             if self.cgroups and self.cgroups.places:
                 child.cgroup = self.cgroups.create(f"k-{os.getpid()}-{self.count}", self.settings.limits)
-            pid, pidfd = self._hand_to_spare(pickle.dumps((request, child)))
+            spare, pidfd = self._hand_to_spare(pickle.dumps((request, child)))
         except BaseException:
             self._reclaim(child)
             raise
+        pid = spare.reaper()
         self.children[pid] = child
         try:
             socket.send_fds(conn, [json.dumps({"pid": pid, "uid": uid}).encode()], [pidfd])
@@ -288,22 +307,17 @@ class Server:
         # fork now would compete with its start. A request before then makes one.
         self._spare_due = time.monotonic() + SPARE_DELAY
 
-    def _hand_to_spare(self, orders: bytes) -> tuple[int, int]:
-        """Give a kernel's orders to the spare (made now if there is none, or again if
-        it died): its reaper's pid and a pidfd for it."""
-        for attempt in range(2):
-            spare, self.spare = self.spare or self._fork_spare(), None
-            try:
-                pid = spare.reaper()
-                pidfd = os.pidfd_open(pid)  # before the orders: it cannot have been reaped yet
-                spare.orders.send(orders)
-                spare.orders.close()
-                return pid, pidfd
-            except OSError:
-                spare.discard()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+    def _hand_to_spare(self, orders: bytes) -> tuple[Spare, int]:
+        """The spare that took a kernel's orders (made now if there was none, or if it
+        died waiting), and a pidfd for its reaper."""
+        spare, self.spare = self.spare, None
+        pidfd = spare.take(orders) if spare is not None else None
+        if pidfd is None:
+            spare = self._fork_spare()
+            pidfd = spare.take(orders)
+            if pidfd is None:
+                raise OSError("the kernel's processes could not be made (see the fork server's log)")
+        return spare, pidfd
 
     def _fork_spare(self) -> Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -315,7 +329,7 @@ class Server:
             _stage_a(self, theirs, handoff_w)
         os.close(handoff_w)
         theirs.close()
-        return Spare(ours, handoff_r)
+        return Spare(pid, ours, handoff_r)
 
     def _reap(self) -> None:
         while True:
@@ -327,13 +341,30 @@ class Server:
                 return
             child = self.children.pop(pid, None)
             if child is None:
-                if self.spare is not None and self.spare.pid == pid:
-                    self.spare.discard()  # it died waiting (killed by hand, say): make another
-                    self.spare = None
+                self._check_spare(pid)
                 continue  # a stage A, or an orphan of some kernel re-parented here
             oom = bool(child.cgroup and child.cgroup.oom_killed())
             self._reclaim(child)
             self._say({"exit": pid, "code": os.waitstatus_to_exitcode(status), "oom": oom})
+
+    def _check_spare(self, ended: int) -> None:
+        """`ended` is not a kernel: if it was the spare's A, learn its B; if it was the
+        spare's B (killed while it waited), drop it, so that the next request or the
+        loop makes another."""
+        spare = self.spare
+        if spare is None:
+            return
+        try:
+            if ended == spare.maker:
+                spare.reaper()  # A has written it (or failed) by the time it exits
+                return
+            if ended != spare.pid:
+                return
+        except OSError:
+            pass
+        spare.discard()
+        self.spare = None
+        self._spare_due = time.monotonic() + 1.0  # not at once: a host refusing forks must not spin us
 
     def _reclaim(self, child: Child) -> None:
         if child.cgroup:
