@@ -30,22 +30,26 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+def python_runtime(shared_cache: str) -> dict[str, str]:
+    """How the Python stack is set up in a kernel, and so in the fork server, which
+    imports it first: the inline plot backend, matplotlib's font cache shared so that a
+    new kernel's first plot is not slow, one BLAS thread (a pool of them would not
+    survive the fork, and on a small node kernels should not each spread over every
+    core), no debugger file validation."""
+    return {
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "MPLCONFIGDIR": shared_cache,
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    }
+
+
 def kernel_environment(workdir: str, statedir: str, shared_cache: str) -> dict[str, str]:
     """`workdir` is the kernel's cwd and HOME: what it writes there is reported as files.
-    IPython's profile and history go to `statedir`, which is not reported; matplotlib's
-    font cache is shared so that the first plot of a new kernel is not slow."""
+    IPython's profile and history go to `statedir`, which is not reported."""
     env = _allowed()
-    env.update(
-        {
-            "HOME": workdir,
-            "TMPDIR": workdir,
-            "PYTHONNOUSERSITE": "1",
-            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-            "MPLCONFIGDIR": shared_cache,
-            "IPYTHONDIR": statedir,
-            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+    env.update(python_runtime(shared_cache))
+    env.update({"HOME": workdir, "TMPDIR": workdir, "PYTHONNOUSERSITE": "1", "IPYTHONDIR": statedir})
     return {k: v for k, v in env.items() if k in ("PATH",) or not SECRET.search(k)}

@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 
 from kernels import isolation
 from kernels.cgroups import Cgroups, KernelCgroup
+from kernels.environment import python_runtime
 from kernels.isolation import Limits
 
 MAX_REQUEST = 1 << 20
@@ -93,18 +94,7 @@ class Settings:
 
 
 def preload(shared_cache: str) -> None:
-    os.environ.update(
-        {
-            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-            "MPLCONFIGDIR": shared_cache,
-            # One BLAS thread: a pool of them would not survive the fork anyway, and on a
-            # small node kernels should not each spread over every core.
-            "OPENBLAS_NUM_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-        }
-    )
+    os.environ.update(python_runtime(shared_cache))  # before the imports: they read it
     import importlib
     import io
 
