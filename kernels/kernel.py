@@ -205,10 +205,8 @@ class Kernel:
         patience = 0.05
         while not self._iopub_live.is_set():
             try:
-                await asyncio.wait_for(self._iopub_live.wait(), patience)
+                await asyncio.wait_for(self._unless_gone(self._iopub_live.wait()), patience)
             except TimeoutError:
-                if not await self._manager.is_alive():
-                    raise KernelStartError("kernel exited during start-up") from None
                 self.send("shell", self.make_message("kernel_info_request", {}))
                 patience = 0.25
         # A kernel's first execution pays for lazy imports, and its first result for
