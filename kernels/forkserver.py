@@ -283,11 +283,10 @@ class Server:
         try:
             if self.cgroups and self.cgroups.places:
                 child.cgroup = self.cgroups.create(f"k-{os.getpid()}-{self.count}", self.settings.limits)
-            spare, pidfd = self._hand_to_spare(pickle.dumps((request, child)))
+            pid, pidfd = self._hand_to_spare(pickle.dumps((request, child)))
         except BaseException:
             self._reclaim(child)
             raise
-        pid = spare.reaper()
         self.children[pid] = child
         try:
             socket.send_fds(conn, [json.dumps({"pid": pid, "uid": uid}).encode()], [pidfd])
@@ -297,9 +296,9 @@ class Server:
         # fork now would compete with its start. A request before then makes one.
         self._spare_due = time.monotonic() + SPARE_DELAY
 
-    def _hand_to_spare(self, orders: bytes) -> tuple[Spare, int]:
-        """The spare that took a kernel's orders (made now if there was none, or if it
-        died waiting), and a pidfd for its reaper."""
+    def _hand_to_spare(self, orders: bytes) -> tuple[int, int]:
+        """Give a kernel's orders to the spare (made now if there was none, or if it died
+        waiting): its reaper's pid and a pidfd for it."""
         spare, self.spare = self.spare, None
         pidfd = spare.take(orders) if spare is not None else None
         if pidfd is None:
@@ -307,7 +306,7 @@ class Server:
             pidfd = spare.take(orders)
             if pidfd is None:
                 raise OSError("the kernel's processes could not be made (see the fork server's log)")
-        return spare, pidfd
+        return spare.reaper(), pidfd
 
     def _fork_spare(self) -> Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -539,7 +538,7 @@ def _stage_c(server: Server, task: int, report: int, go: int) -> NoReturn:
             isolation.load_seccomp(server.seccomp)
         _fresh_randomness()
         sys.argv = ["ipykernel_launcher", "-f", connection_file, *request.get("argv", [])]
-        config = request["config"]  # our own copy: we are a fork of the server
+        config = request["config"]  # parsed by the server, unpickled here: ours to change
         config.IPKernelApp.connection_file = connection_file
         from kernels.kernelapp import ParsedKernelApp
 
