@@ -21,7 +21,7 @@ from gateway.app import create_app, create_fork_server
 from gateway.client import Client
 from gateway.config import Config
 from gateway.sessions import SessionManager
-from kernels.kernel import KernelSpec
+from kernels.kernel import Kernel, KernelSpec
 from kernels.pool import KernelPool
 
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
@@ -39,6 +39,12 @@ class Gateway:
     @property
     def manager(self) -> SessionManager:
         return self.server.app["manager"]
+
+    def kernel_of(self, client: Client) -> Kernel:
+        """The kernel attached to `client`'s session on this node."""
+        kernel = self.manager.sessions[client.info["session"]].kernel
+        assert kernel is not None
+        return kernel
 
     async def end_sessions(self) -> None:
         await asyncio.gather(*(s.end("shutdown", "test over") for s in list(self.manager.sessions.values())))

@@ -98,7 +98,7 @@ async def test_per_file_cap(start_gateway: GatewayFactory, transport: list[str])
 async def test_workdir_is_removed_when_the_session_ends(connect: ClientFactory, gw: Gateway) -> None:
     c = await connect()
     await c.execute("open('x','w').write('x')")
-    workdir = gw.manager.sessions[c.info["session"]].kernel.workdir
+    workdir = gw.kernel_of(c).workdir
     assert os.path.isdir(workdir)
     await c.shutdown()
     assert not os.path.exists(workdir)

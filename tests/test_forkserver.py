@@ -34,9 +34,7 @@ async def test_forked_kernels_are_provisioned_through_jupyter_client(connect: Cl
     c = await connect()
     run = await c.execute("import os, sys\nprint(os.getpid(), os.getcwd() == os.environ['HOME'])")
     assert run.stdout.split()[1] == "True"
-    kernel = gw.manager.sessions[c.info["session"]].kernel
-    assert kernel is not None
-    assert isinstance(kernel._manager.provisioner, ForkProvisioner)
+    assert isinstance(gw.kernel_of(c)._manager.provisioner, ForkProvisioner)
 
 
 async def test_a_fresh_kernel_is_configured_from_its_command_line_and_untouched(connect: ClientFactory) -> None:

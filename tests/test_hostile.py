@@ -190,13 +190,7 @@ async def test_file_past_the_size_limit(connect: ClientFactory, gw: Gateway, bys
     c = await connect()
     run = await c.execute("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (100 << 20))")
     assert run.error is not None and "File too large" in run.error["evalue"]
-    assert os.path.getsize(os.path.join(workdir(gw, c), "big.bin")) <= 64 << 20
-
-
-def workdir(gw: Gateway, c: Client) -> str:
-    kernel = gw.manager.sessions[c.info["session"]].kernel
-    assert kernel is not None
-    return kernel.workdir
+    assert os.path.getsize(os.path.join(gw.kernel_of(c).workdir, "big.bin")) <= 64 << 20
 
 
 async def test_killing_parent_and_gateway_and_scanning_proc(connect: ClientFactory, bystander: Bystander) -> None:
@@ -222,7 +216,7 @@ async def test_other_kernels_directories_are_unreadable(
 ) -> None:
     a, b = await connect(), await connect()
     await a.execute("open('secret.txt', 'w').write('mine')")
-    secret = os.path.join(workdir(gw, a), "secret.txt")
+    secret = os.path.join(gw.kernel_of(a).workdir, "secret.txt")
     run = await b.execute(f"open({secret!r}).read()")
     # Not in its mount namespace at all where kernel homes are under /tmp; else not its uid's.
     assert run.error is not None and run.error["ename"] in ("FileNotFoundError", "PermissionError")

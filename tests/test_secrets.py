@@ -30,8 +30,7 @@ async def test_kernel_environment_has_no_server_secrets(
 async def test_kernel_never_gets_its_key_to_the_client(connect: ClientFactory, gw: Gateway) -> None:
     c = await connect()
     await c.execute("1")
-    kernel = gw.manager.sessions[c.info["session"]].kernel
-    key = kernel._manager.session.key.decode()
+    key = gw.kernel_of(c)._manager.session.key.decode()
     assert key
     assert all(key not in repr(d) for _, d in c.events)
 
@@ -44,8 +43,7 @@ async def test_logs_never_contain_tokens_or_keys(
     await c.execute("import os; os._exit(1)", wait=False)
     await c.wait_event("kernel", state="dead", timeout=10)
     await c.execute("1", timeout=30)
-    kernel = gw.manager.sessions[c.info["session"]].kernel
-    key = kernel._manager.session.key.decode()
+    key = gw.kernel_of(c)._manager.session.key.decode()
     await c.drop()
     text = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert c.token not in text
