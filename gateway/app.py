@@ -46,6 +46,7 @@ def create_pool(config: Config) -> KernelPool:
             workdir_root=config.workdir_root,
             start_timeout=config.kernel_start_timeout,
             fork_server=fork_server,
+            message_limit=config.kernel_message_limit,
         )
         for name in config.allowed_kernels
     }

@@ -40,13 +40,18 @@ class Config:
     sessions_per_client: int = _setting(5, "live sessions per client address")
     trusted_proxies: str = _setting("", "comma-separated proxy addresses whose X-Forwarded-For is believed")
     message_limit: int = _setting(1 * MiB, "largest client message in bytes (too_large above it)")
-    output_cap: int = _setting(1 * MiB, "stream output bytes per execution before output_capped")
+    output_cap: int = _setting(16 * MiB, "output bytes per execution, every message type, before output_capped")
+    session_output_cap: int = _setting(
+        16 * MiB, "output bytes while no request is outstanding (widgets, threads), renewed by each client message"
+    )
+    kernel_message_limit: int = _setting(16 * MiB, "largest message a kernel may send, all frames (too_large above)")
+    client_buffer: int = _setting(64 * MiB, "bytes waiting for one client before it is disconnected as too slow")
     file_cap: int = _setting(10 * MiB, "largest stored file in bytes")
     session_file_cap: int = _setting(50 * MiB, "stored file bytes per session")
     max_files: int = _setting(200, "files reported per execution")
     service_timeout: float = _setting(30.0, "seconds a POST /service run may take")
     replay_limit: int = _setting(10000, "events kept per session for replay")
-    replay_bytes: int = _setting(16 * MiB, "bytes of events (approximate) kept per session for replay")
+    replay_bytes: int = _setting(32 * MiB, "bytes of events kept per session for replay")
     store_dir: str = _setting("cellgate-data", "directory of the local blob store")
     workdir_root: str = _setting("", "where kernel working directories are made (default: system temp)")
     fork_server: bool = _setting(True, "start Python kernels by forking a pre-imported process (Linux)")
@@ -155,10 +160,13 @@ def validate(config: Config) -> None:
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
     positive = ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port")
-    positive += ("execution_timeout", "kernel_address_space", "kernel_open_files")
+    positive += ("execution_timeout", "kernel_address_space", "kernel_open_files", "session_output_cap")
+    positive += ("kernel_message_limit", "client_buffer")
     for name in positive:
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    if config.client_buffer < 2 * config.kernel_message_limit:
+        problems.append("--client-buffer must be at least twice --kernel-message-limit")
     if config.isolation not in ("auto", "required", "off"):
         problems.append("--isolation must be auto, required or off")
     try:

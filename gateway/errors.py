@@ -18,6 +18,7 @@ CODES: dict[str, int] = {
     "capacity_node": 429,
     "capacity_client": 429,
     "rate_limited": 429,
+    "slow_client": 429,
     "output_capped": 413,
     "file_too_large": 413,
     "bad_filename": 400,

@@ -17,10 +17,10 @@ from typing import Any
 
 import tenacity
 
-from gateway import workdir
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.stores import BlobStore
+from kernels import workdir
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +58,29 @@ class FileReporter:
     async def upload(self, directory: str, name: str, data: bytes) -> None:
         """Write a client's file; it is not reported back as output."""
         async with self._lock:
-            self._known[name] = await asyncio.to_thread(workdir.write_file, directory, name, data)
+            self._known[name] = await workdir.run(workdir.write_file, directory, name, data)
 
     async def report(self, directory: str, msg_id: str) -> None:
         """Publish a `files` event for what changed in `directory` since the last report."""
         async with self._lock:
-            found = await asyncio.to_thread(workdir.scan, directory, self.config.max_files)
+            try:
+                found = await workdir.run(workdir.scan, directory, self.config.max_files)
+            except workdir.UnsafeFile:
+                return
             changed = [name for name, st in found.items() if self._known.get(name) != st]
             self._known = found
             if not changed:
                 return
-            entries = [await self._store(directory, name, msg_id) for name in changed]
+            entries = [await self._store(directory, name, found[name], msg_id) for name in changed]
         self.publish("files", {"msg_id": msg_id, "files": entries})
 
-    async def _store(self, directory: str, name: str, msg_id: str) -> dict[str, Any]:
+    async def _store(self, directory: str, name: str, seen: workdir.FileState, msg_id: str) -> dict[str, Any]:
         c = self.config
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         entry: dict[str, Any] = {"name": name, "url": None, "size": None, "mime": mime}
         room = min(c.file_cap, c.session_file_cap - self.stored_bytes)
         try:
-            data = await asyncio.to_thread(workdir.read_file, directory, name, max(room, 0))
+            data = await workdir.run(workdir.read_file, directory, name, max(room, 0), seen)
         except workdir.FileTooLarge as exc:
             entry["size"] = exc.size
             over, cap = ("file", c.file_cap) if exc.size > c.file_cap else ("session", c.session_file_cap)

@@ -22,7 +22,15 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("cellgate_errors_total", "Errors told to clients", ["code"], registry=r)
-        self.dropped = Counter("cellgate_output_dropped_bytes_total", "Stream output dropped past the cap", registry=r)
+        self.dropped = Counter(
+            "cellgate_output_dropped_bytes_total", "Kernel output dropped past a budget or limit", registry=r
+        )
+        self.kernel_dropped = Counter(
+            "cellgate_kernel_messages_dropped_total", "Kernel messages dropped as malformed", ["channel"], registry=r
+        )
+        self.slow_clients = Counter(
+            "cellgate_slow_clients_total", "Clients disconnected for reading too slowly", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -14,16 +15,24 @@ SKIPPED = frozenset({"status", "execute_input", "clear_output"})
 
 
 class Collector:
-    """A sink that keeps what one execution produced."""
+    """A sink that keeps what one execution produced, up to `limit` bytes of output."""
 
-    def __init__(self, msg_id: str) -> None:
+    def __init__(self, msg_id: str, limit: int) -> None:
         self.msg_id = msg_id
+        self.limit = limit
+        self.kept = 0
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.reply: dict[str, Any] | None = None
         self.idle = False
         self.finished = asyncio.Event()
 
     async def send(self, event: str, data: dict[str, Any]) -> None:
+        if event == "iopub":
+            # Output past the bound is not kept (the session's budget has already said
+            # output_capped); the status and reply that finish the call always are.
+            self.kept += len(json.dumps(data["content"], default=repr)) + sum(map(len, data.get("buffers", ())))
+            if self.kept > self.limit and data["header"]["msg_type"] != "status":
+                return
         self.events.append((event, data))
         parent = data.get("parent_header", {}).get("msg_id") if isinstance(data, dict) else None
         if parent == self.msg_id:
@@ -45,7 +54,7 @@ async def run(manager: SessionManager, code: str, client: str) -> dict[str, Any]
     timeout = manager.config.service_timeout
     session, _ = await manager.open(client, logged=False)
     msg_id = uuid.uuid4().hex
-    sink = Collector(msg_id)
+    sink = Collector(msg_id, manager.config.client_buffer)
     session.sink = sink
     session.disconnected_at = None  # the request itself holds the session
     request = {
@@ -85,8 +94,8 @@ def _result(sink: Collector, msg_id: str) -> dict[str, Any]:
             if msg_type in SKIPPED:
                 continue
             content = data["content"]
-            if msg_type == "stream":
-                (stdout if content.get("name") == "stdout" else stderr).append(content.get("text", ""))
+            if msg_type == "stream" and isinstance(content.get("text"), str):
+                (stdout if content.get("name") == "stdout" else stderr).append(content["text"])
             elif msg_type == "error":
                 error = {k: content.get(k) for k in ("ename", "evalue", "traceback")}
             outputs.append({"msg_type": msg_type, "content": content})

@@ -1,10 +1,14 @@
 """One session: a client's conversation with one kernel, and its ordered event log.
 
 Data flows one way through here. Client messages go `to_kernel` (validated before they
-arrive); kernel messages come back through `_from_kernel`, are capped and counted, and
-are `publish`ed. One sender task per session gives every published event its seq,
-appends it to the replay log and delivers it to whichever client holds the session
-now, strictly in order.
+arrive); kernel messages come back through `_from_kernel`, are charged to an output
+budget and counted, and are `publish`ed. One sender task per session gives every
+published event its seq, appends it to the replay log and delivers it to whichever
+client holds the session now, strictly in order.
+
+What the session believes comes from its own clocks and its own record of what it
+handed the kernel, never from what the kernel claims: see "What the trusted side
+believes" in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway import workdir
 from gateway.errors import CellgateError
 from gateway.files import FileReporter
 from gateway.registry import SessionRecord
-from kernels.kernel import Kernel
+from kernels import workdir
+from kernels.kernel import Incoming, Kernel, KernelBusy
 from kernels.pool import PoolExhausted
 
 if TYPE_CHECKING:
@@ -30,7 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STREAM_MERGE_MAX = 64 * 1024
-CAPPED_TYPES = frozenset({"stream", "display_data", "update_display_data"})
+REPLY_CONTENT_MAX = 1 << 20  # a status, reply or execute_input bigger than this keeps only a marker
+EVENT_OVERHEAD = 512  # bytes an event costs beyond its content (headers, seq, framing)
+OVERRUN_GRACE = 5.0  # seconds an interrupted kernel has to stop before it is killed
+SPINNING = 0.5  # CPU share that counts as running code while nothing is outstanding
+EXPECTED_TRACKED = 1024  # requests whose lifecycle messages are still expected
 
 
 class Sink(Protocol):
@@ -41,6 +50,33 @@ class Sink(Protocol):
     async def close(self, reason: str) -> None: ...
 
 
+@dataclass
+class Budget:
+    """Output bytes that one request, or the time between requests, may send."""
+
+    cap: int
+    msg_id: str | None
+    used: int = 0
+    capped: bool = False  # told output_capped
+    truncated: bool = False  # told too_large
+
+    def charge(self, size: int) -> bool:
+        self.used += size
+        return self.used <= self.cap
+
+
+@dataclass
+class Request:
+    """A shell request the session handed to the kernel, which runs them one at a time
+    in the order sent: the head of the queue is the one running."""
+
+    msg_id: str
+    msg_type: str
+    budget: Budget
+    handed: float = field(default_factory=time.monotonic)
+    deadline: asyncio.TimerHandle | None = None
+
+
 class Session:
     def __init__(self, manager: SessionManager, record: SessionRecord, logged: bool = True) -> None:
         self.manager = manager
@@ -49,36 +85,43 @@ class Session:
         self.id = record.id
         self.logged = logged
         self.kernel: Kernel | None = None
-        self.kernel_busy = False
         self.sink: Sink | None = None
         self.created = time.monotonic()
-        self.last_activity = self.created
+        self.last_activity = self.created  # of the client: the kernel's messages do not count
         self.disconnected_at: float | None = self.created
         self.ended = False
         self._ending = False  # no new work accepted
         self._closing = False  # end() has begun
         self._seq = 0  # used only when not logged
-        self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, Any, int]] = asyncio.Queue()
+        self.outbox_bytes = 0
         self._emit_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
-        self._started: dict[str, float] = {}  # execute_request msg_id -> start time
-        # parent msg_id -> output bytes seen; past the cap means capped
-        self._output: OrderedDict[str, int] = OrderedDict()
+        self._queue: deque[Request] = deque()  # shell requests handed to the kernel, oldest first
+        self._between = Budget(self.config.session_output_cap, None)  # output while nothing is outstanding
+        # request msg_id -> lifecycle messages still expected for it (status, reply, ...)
+        self._expected: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self._cpu_mark: tuple[float, float] | None = None  # (when, kernel CPU seconds)
+        self._spin_since: float | None = None  # CPU-busy with nothing outstanding since
+        self._spin_told: float | None = None
+        self._last_msg_id: str | None = None
         self.files = FileReporter(
             self.config, manager.store, manager.file_url, manager.metrics, self.publish, self._spawn
         )
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._deadlines: dict[str, asyncio.TimerHandle] = {}  # running execution -> its time limit
         self._reports: set[asyncio.Future[Any]] = set()
         self._sender = asyncio.create_task(self._send_loop())
         self._watchdog = asyncio.create_task(self._watch())
 
     # -- events to the client ---------------------------------------------------
 
-    def publish(self, event: str, data: dict[str, Any]) -> None:
-        """Queue an event for the client; it gets the next seq. Never blocks."""
+    def publish(self, event: str, data: dict[str, Any], size: int = 0) -> None:
+        """Queue an event for the client; it gets the next seq. Never blocks. `size` is
+        its bytes as the kernel sent it (0: estimate)."""
         if not self.ended:
-            self._outbox.put_nowait((event, data))
+            size = size + EVENT_OVERHEAD if size else _event_size(data)
+            self.outbox_bytes += size
+            self._outbox.put_nowait((event, data, size))
 
     async def _send_loop(self) -> None:
         while True:
@@ -86,16 +129,17 @@ class Session:
             while not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
             async with self._emit_lock:
-                for event, data in _coalesce(batch):
+                for event, data, size in _coalesce(batch):
+                    self.outbox_bytes -= size
                     if event == "__flush__":
                         if not data.done():
                             data.set_result(None)
                         continue
-                    await self._deliver(event, data)
+                    await self._deliver(event, data, size)
 
-    async def _deliver(self, event: str, data: dict[str, Any]) -> None:
+    async def _deliver(self, event: str, data: dict[str, Any], size: int) -> None:
         if self.logged:
-            seq = await self.manager.registry.append(self.id, event, data, _event_size(data))
+            seq = await self.manager.registry.append(self.id, event, data, size)
         else:
             self._seq += 1
             seq = self._seq
@@ -110,7 +154,7 @@ class Session:
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything published so far has been logged and delivered."""
         done = asyncio.get_running_loop().create_future()
-        self._outbox.put_nowait(("__flush__", done))
+        self._outbox.put_nowait(("__flush__", done, 0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, timeout)
 
@@ -165,7 +209,7 @@ class Session:
                 "id": self.kernel.id,
                 "name": self.kernel.name,
                 "state": "ready",
-                "execution_state": "busy" if self.kernel_busy else "idle",
+                "execution_state": "busy" if self._queue else "idle",
             }
         return {
             "session": self.id,
@@ -179,14 +223,18 @@ class Session:
     # -- messages to the kernel -------------------------------------------------
 
     def touch(self) -> None:
+        """The client did something: idleness counts from here, and output between
+        requests gets a fresh budget."""
         self.last_activity = time.monotonic()
+        if self._between.used:
+            self._between = Budget(self.config.session_output_cap, None)
 
     async def to_kernel(self, channel: str, msg: dict[str, Any]) -> None:
         """Queue a validated message for the kernel, attaching one if the session needs it."""
+        msg_id, msg_type = msg["header"]["msg_id"], msg["header"]["msg_type"]
         if self.ended or self._ending:
-            raise CellgateError("kernel_dead", "this session has ended", msg_id=msg["header"]["msg_id"])
+            raise CellgateError("kernel_dead", "this session has ended", msg_id=msg_id)
         self.touch()
-        msg_type = msg["header"]["msg_type"]
         async with self._send_lock:  # FIFO: messages reach the kernel in the order sent
             if channel == "control" and msg_type == "shutdown_request":
                 self._shutdown_requested(msg)
@@ -196,15 +244,36 @@ class Session:
             else:
                 kernel = self.kernel
                 if kernel is None or not kernel.alive:
-                    raise CellgateError(
-                        "no_kernel", "this session has no running kernel", msg_id=msg["header"]["msg_id"]
-                    )
+                    raise CellgateError("no_kernel", "this session has no running kernel", msg_id=msg_id)
+            if channel != "stdin":
+                self._expect(msg_id, msg_type)
+            try:
+                kernel.send(channel, msg)
+            except KernelBusy as exc:
+                self._expected.pop(msg_id, None)
+                raise CellgateError("rate_limited", str(exc), msg_id=msg_id) from None
+            if channel == "shell":
+                cap = self.config.output_cap if msg_type == "execute_request" else self.config.session_output_cap
+                self._queue.append(Request(msg_id, msg_type, Budget(cap, msg_id)))
+                self._spin_since = self._spin_told = None
+                if len(self._queue) == 1:
+                    self._start(self._queue[0])
             if msg_type == "execute_request":
-                msg_id = msg["header"]["msg_id"]
-                self._started[msg_id] = time.monotonic()
                 self._spawn(self._permalink(msg_id, msg["content"]["code"]))
-            kernel.send(channel, msg)
         self.manager.metrics.messages.labels("to_kernel", channel).inc()
+
+    def _expect(self, msg_id: str, msg_type: str) -> None:
+        """The lifecycle messages a request earns: a busy and an idle status, a reply if
+        it is a *_request, an execute_input if it is an execution. These are never
+        dropped; anything past them is output like any other."""
+        expected = {"status": 2}
+        if msg_type.endswith("_request"):
+            expected["reply"] = 1
+        if msg_type == "execute_request":
+            expected["execute_input"] = 1
+        self._expected[msg_id] = expected
+        while len(self._expected) > EXPECTED_TRACKED:
+            self._expected.popitem(last=False)
 
     async def _ensure_kernel(self) -> Kernel:
         if self.kernel is not None and self.kernel.alive:
@@ -220,9 +289,8 @@ class Session:
             await self.manager.pool.release(kernel)
             raise CellgateError("kernel_dead", "this session has ended")
         self.kernel = kernel
-        self.kernel_busy = False
         self.files.forget()
-        kernel.set_listener(self._from_kernel)
+        kernel.set_listener(self._from_kernel, self._dropped)
         kernel.on_exit(self._kernel_exited)
         self.record.kernel_id = kernel.id
         if self.logged:
@@ -237,7 +305,9 @@ class Session:
         self._ending = True
         kernel = self.kernel
         if kernel is not None and kernel.alive:
-            kernel.send("control", msg)
+            self._expect(msg["header"]["msg_id"], "shutdown_request")
+            with contextlib.suppress(KernelBusy):
+                kernel.send("control", msg)
             # The kernel answers with shutdown_reply (relayed) and exits; end either way.
             self._spawn(self._end_later(2.0, "shutdown", "requested"))
         else:
@@ -264,83 +334,148 @@ class Session:
 
     # -- messages from the kernel -----------------------------------------------
 
-    def _from_kernel(self, channel: str, msg: dict[str, Any]) -> None:
-        self.touch()
-        msg_type = msg["header"].get("msg_type")
-        parent = msg.get("parent_header", {}).get("msg_id", "")
-        if channel == "iopub":
-            if msg_type == "status":
-                self.kernel_busy = msg["content"].get("execution_state") == "busy"
-            elif msg_type in CAPPED_TYPES and not self._within_cap(parent, msg):
-                return
-        self.publish(channel, msg)
+    def _from_kernel(self, incoming: Incoming) -> None:
+        channel, msg, size = incoming.channel, incoming.msg, incoming.size
+        msg_type = msg["header"]["msg_type"]
+        parent = msg["parent_header"].get("msg_id", "")
+        # Output is charged to what this side knows is running, whatever parent it names.
+        budget = self._queue[0].budget if self._queue else self._between
+        lifecycle = self._lifecycle(channel, msg_type, parent)
+        if lifecycle:
+            budget.charge(size)
+            if incoming.truncated or size > REPLY_CONTENT_MAX:
+                msg = {**msg, "content": _marker(msg_type, msg["content"], size), "buffers": []}
+        elif incoming.truncated:
+            self._drop(budget, size, "too_large", f"the kernel sent a {size}-byte {msg_type} message")
+            return
+        elif not budget.charge(size):
+            self._drop(budget, size, "output_capped", f"output passed {budget.cap} bytes")
+            return
+        elif self.outbox_bytes + size > self.config.client_buffer:
+            self._drop(budget, size, "output_capped", "output arrived faster than it could be delivered")
+            return
+        self.publish(channel, msg, size)
         self.manager.metrics.messages.labels("to_client", channel).inc()
-        if channel == "iopub" and msg_type == "execute_input":
-            # The kernel runs one execution at a time: its clock starts now, not when sent.
-            loop = asyncio.get_running_loop()
-            self._deadlines[parent] = loop.call_later(self.config.execution_timeout, self._overran, parent)
-        if channel == "shell" and msg_type == "execute_reply":
-            deadline = self._deadlines.pop(parent, None)
-            if deadline is not None:
-                deadline.cancel()
-            started = self._started.pop(parent, None)
-            if started is not None:
-                self.manager.metrics.execution.observe(time.monotonic() - started)
-            self._reports.add(self._spawn(self._report_files(parent)))
-        elif channel == "control" and msg_type == "shutdown_reply" and self._ending:
+        if not lifecycle:
+            return
+        if self._queue and parent == self._queue[0].msg_id:
+            if (channel == "shell" and msg_type.endswith("_reply")) or (
+                msg_type == "status" and msg["content"].get("execution_state") == "idle"
+            ):
+                self._finished(self._queue.popleft())
+        if channel == "control" and msg_type == "shutdown_reply" and self._ending:
             self._spawn(self.end("shutdown", "requested"))
 
-    def _within_cap(self, parent: str, msg: dict[str, Any]) -> bool:
-        before = self._output.get(parent, 0)
-        if before > self.config.output_cap:  # already capped and told
-            self.manager.metrics.dropped.inc(_size(msg))
+    def _lifecycle(self, channel: str, msg_type: str, parent: str) -> bool:
+        """Whether this is a lifecycle message a request of ours still has coming."""
+        expected = self._expected.get(parent)
+        if expected is None:
             return False
-        sent = before + _size(msg)
-        self._output[parent] = sent
-        self._output.move_to_end(parent)
-        while len(self._output) > 256:
-            self._output.popitem(last=False)
-        if sent <= self.config.output_cap:
-            return True
-        self.manager.metrics.errors.labels("output_capped").inc()
-        self.publish(
-            "error",
-            {
-                "code": "output_capped",
-                "message": f"output of this execution passed {self.config.output_cap} bytes; further output is dropped",
-                "msg_id": parent,
-            },
+        if channel == "iopub" and msg_type in ("status", "execute_input"):
+            kind = msg_type
+        elif channel in ("shell", "control") and msg_type.endswith("_reply"):
+            kind = "reply"
+        else:
+            return False
+        if expected.get(kind, 0) <= 0:
+            return False
+        expected[kind] -= 1
+        if not any(expected.values()):
+            del self._expected[parent]
+        return True
+
+    def _drop(self, budget: Budget, size: int, code: str, why: str) -> None:
+        """Drop one output message; the client hears once per budget and code."""
+        self.manager.metrics.dropped.inc(size)
+        if (budget.capped, budget.truncated)[code == "too_large"]:
+            return
+        if code == "too_large":
+            budget.truncated = True
+            message = f"{why}, over the {self.config.kernel_message_limit}-byte limit; it was dropped"
+        else:
+            budget.capped = True
+            message = f"{why}; further output is dropped"
+        self.manager.metrics.errors.labels(code).inc()
+        event = {"code": code, "message": message}
+        if budget.msg_id is not None:
+            event["msg_id"] = budget.msg_id
+        self.publish("error", event)
+
+    def _dropped(self, channel: str, reason: str) -> None:
+        self.manager.metrics.kernel_dropped.labels(channel).inc()
+
+    def _start(self, request: Request) -> None:
+        """The head of the queue: the kernel is running it now, and its clock starts."""
+        request.deadline = asyncio.get_running_loop().call_later(
+            self.config.execution_timeout, lambda: self._spawn(self._stop_overrun(request))
         )
-        return False
 
-    def _overran(self, msg_id: str) -> None:
-        self._spawn(self._stop_overrun(msg_id))
+    def _finished(self, request: Request) -> None:
+        if request.deadline is not None:
+            request.deadline.cancel()
+        self._last_msg_id = request.msg_id
+        if request.msg_type == "execute_request":
+            self.manager.metrics.execution.observe(time.monotonic() - request.handed)
+            self._reports.add(self._spawn(self._report_files(request.msg_id)))
+        self._spin_since = self._spin_told = None
+        if self._queue:
+            self._start(self._queue[0])
 
-    async def _stop_overrun(self, msg_id: str, grace: float = 5.0) -> None:
-        """Past its wall-clock limit an execution is interrupted; a kernel that does not
-        answer the interrupt within `grace` seconds is killed (and replaced on the next
+    async def _stop_overrun(self, request: Request) -> None:
+        """Past its wall-clock limit a request is interrupted; a kernel that has not
+        finished it OVERRUN_GRACE seconds later is killed (and replaced on the next
         message)."""
         kernel = self.kernel
-        if kernel is None or msg_id not in self._deadlines:
+        if kernel is None or not self._queue or self._queue[0] is not request:
             return
         limit = self.config.execution_timeout
-        self.manager.metrics.errors.labels("timeout").inc()
-        message = f"the execution ran past {limit:g} s; interrupted"
-        self.publish("error", {"code": "timeout", "message": message, "msg_id": msg_id})
+        self._timed_out(request.msg_id, f"the execution ran past {limit:g} s; interrupted")
         await kernel.interrupt()
-        await asyncio.sleep(grace)
-        if msg_id in self._deadlines and kernel is self.kernel:
-            self._deadlines.pop(msg_id, None)
+        await asyncio.sleep(OVERRUN_GRACE)
+        if self._queue and self._queue[0] is request and kernel is self.kernel:
             await kernel.kill(f"the execution ran past {limit:g} s and ignored the interrupt")
+
+    def _timed_out(self, msg_id: str | None, message: str) -> None:
+        self.manager.metrics.errors.labels("timeout").inc()
+        event = {"code": "timeout", "message": message}
+        if msg_id is not None:
+            event["msg_id"] = msg_id
+        self.publish("error", event)
+
+    def _check_spinning(self, now: float) -> None:
+        """With nothing outstanding, the kernel should be idle. One that keeps a CPU busy
+        for longer than an execution may run (a reply it forged, a thread it left
+        running) is interrupted, then killed, as an overrunning execution would be."""
+        kernel = self.kernel
+        cpu = kernel.cpu_seconds() if kernel is not None and not self._queue else None
+        mark, self._cpu_mark = self._cpu_mark, (now, cpu) if cpu is not None else None
+        if cpu is None or mark is None or now <= mark[0]:
+            return
+        if cpu - mark[1] < SPINNING * (now - mark[0]):
+            self._spin_since = self._spin_told = None
+            return
+        if self._spin_since is None:
+            self._spin_since = mark[0]
+        limit = self.config.execution_timeout
+        if now - self._spin_since <= limit or kernel is None:
+            return
+        if self._spin_told is None:
+            self._spin_told = now
+            self._timed_out(self._last_msg_id, f"the kernel kept running code {limit:g} s past its last request")
+            self._spawn(kernel.interrupt())
+        elif now - self._spin_told > OVERRUN_GRACE:
+            self._spawn(kernel.kill(f"the kernel kept running code past {limit:g} s and ignored the interrupt"))
 
     def _kernel_exited(self, kernel: Kernel) -> None:
         if kernel is not self.kernel:
             return
-        for deadline in self._deadlines.values():
-            deadline.cancel()
-        self._deadlines.clear()
+        for request in self._queue:
+            if request.deadline is not None:
+                request.deadline.cancel()
+        self._queue.clear()
+        self._expected.clear()
+        self._cpu_mark = self._spin_since = self._spin_told = None
         self.kernel = None
-        self.kernel_busy = False
         self._spawn(self.manager.pool.release(kernel))
         if not (self._ending or self.ended):
             log.info("session %s: kernel %s died", self.id, kernel.id)
@@ -372,16 +507,18 @@ class Session:
 
     async def _watch(self) -> None:
         c = self.config
-        tick = max(0.05, min(1.0, c.resume_grace / 4, c.idle_timeout / 4, c.lifespan / 4))
+        tick = max(0.05, min(1.0, c.resume_grace / 4, c.idle_timeout / 4, c.lifespan / 4, c.execution_timeout / 4))
         while not self.ended:
             await asyncio.sleep(tick)
             now = time.monotonic()
             if now - self.created > c.lifespan:
                 await self.end("timed_out", "lifespan")
-            elif not self.kernel_busy and now - self.last_activity > c.idle_timeout:
+            elif not self._queue and now - self.last_activity > c.idle_timeout:
                 await self.end("timed_out", "idle")
             elif self.disconnected_at is not None and now - self.disconnected_at > c.resume_grace:
                 await self.end("timed_out", "disconnected")
+            else:
+                self._check_spinning(now)
 
     async def end(self, state: str, reason: str) -> None:
         """End the session: reclaim the kernel, tell the client, forget the token."""
@@ -389,6 +526,9 @@ class Session:
             return
         self._closing = self._ending = True
         kernel, self.kernel = self.kernel, None
+        for request in self._queue:
+            if request.deadline is not None:
+                request.deadline.cancel()
         if kernel is not None:
             await self.manager.pool.release(kernel)
         self.publish("kernel", {"state": state, "reason": reason})
@@ -413,48 +553,48 @@ class Session:
 
 
 def _event_size(data: dict[str, Any]) -> int:
-    """A cheap estimate of an event's bytes: its text, data and buffers, plus headers."""
-    content = data.get("content")
-    size = 512 + sum(len(b) for b in data.get("buffers", ()))
-    if isinstance(content, dict):
-        size += _size(data)
-    return size
+    """An estimate of the bytes of an event the gateway made itself (small, flat)."""
+    return EVENT_OVERHEAD + sum(len(str(v)) for v in data.values())
 
 
-def _size(msg: dict[str, Any]) -> int:
-    content = msg.get("content", {})
-    if "text" in content:
-        return len(content["text"])
-    data = content.get("data", {})
-    if isinstance(data, dict) and data:
-        return sum(len(v) if isinstance(v, str) else 64 for v in data.values())
-    code = content.get("code")
-    return len(code) if isinstance(code, str) else 64
+def _marker(msg_type: str, content: dict[str, Any], size: int) -> dict[str, Any]:
+    """What is left of an oversized lifecycle message: its short fields, and a note."""
+    kept = {k: v for k, v in content.items() if k in ("status", "execution_state", "execution_count")}
+    kept = {k: v for k, v in kept.items() if isinstance(v, int | str) and len(str(v)) < 64}
+    if msg_type.endswith("_reply"):
+        kept.setdefault("status", "error")
+        if kept["status"] == "error":
+            kept.update(ename="OutputTooLarge", evalue=f"the {msg_type} was {size} bytes", traceback=[])
+    kept["cellgate_truncated"] = {"size": size, "limit": REPLY_CONTENT_MAX}
+    return kept
 
 
-def _coalesce(batch: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _coalesce(batch: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
     """Merge runs of stream messages to the same parent and stream into one message.
 
     Only a backlog is ever merged (what queued up while the client was being served),
     so a quiet session sees every message as the kernel sent it, with no added delay.
     """
-    out: list[tuple[str, Any]] = []
-    for event, data in batch:
+    out: list[tuple[str, Any, int]] = []
+    for event, data, size in batch:
         if out and event == "iopub" and _mergeable(out[-1], data):
-            prev = out[-1][1]
+            _, prev, prev_size = out[-1]
             merged = {**prev, "content": {**prev["content"], "text": prev["content"]["text"] + data["content"]["text"]}}
-            out[-1] = ("iopub", merged)
+            out[-1] = ("iopub", merged, prev_size + size)
         else:
-            out.append((event, data))
+            out.append((event, data, size))
     return out
 
 
-def _mergeable(prev: tuple[str, Any], msg: dict[str, Any]) -> bool:
-    event, last = prev
-    if event != "iopub" or msg["header"].get("msg_type") != "stream" or last["header"].get("msg_type") != "stream":
+def _mergeable(prev: tuple[str, Any, int], msg: dict[str, Any]) -> bool:
+    event, last, _ = prev
+    if event != "iopub" or msg["header"]["msg_type"] != "stream" or last["header"]["msg_type"] != "stream":
         return False
+    text, last_text = msg["content"].get("text"), last["content"].get("text")
     return (
-        last["parent_header"].get("msg_id") == msg["parent_header"].get("msg_id")
+        isinstance(text, str)
+        and isinstance(last_text, str)
+        and last["parent_header"].get("msg_id") == msg["parent_header"].get("msg_id")
         and last["content"].get("name") == msg["content"].get("name")
-        and len(last["content"].get("text", "")) + len(msg["content"].get("text", "")) <= STREAM_MERGE_MAX
+        and len(last_text) + len(text) <= STREAM_MERGE_MAX
     )

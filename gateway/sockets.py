@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import engineio
 import engineio.payload
 import socketio
 from aiohttp import web
@@ -25,6 +27,33 @@ log = logging.getLogger(__name__)
 engineio.payload.Payload.max_decode_packets = 100_000
 
 
+class ByteQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """engine.io's per-socket send queue, counting the bytes it holds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bytes = 0
+
+    def _put(self, item: Any) -> None:
+        self.bytes += _packet_size(item)
+        super()._put(item)  # type: ignore[misc]
+
+    def _get(self) -> Any:
+        item = super()._get()  # type: ignore[misc]
+        self.bytes -= _packet_size(item)
+        return item
+
+
+def _packet_size(pkt: Any) -> int:
+    data = getattr(pkt, "data", None)
+    return len(data) if isinstance(data, str | bytes) else 16
+
+
+class _EngineIO(engineio.AsyncServer):
+    def create_queue(self, *args: Any, **kwargs: Any) -> ByteQueue:
+        return ByteQueue(*args, **kwargs)
+
+
 class Server(socketio.AsyncServer):
     """An AsyncServer with two fixes for our needs.
 
@@ -37,14 +66,32 @@ class Server(socketio.AsyncServer):
     the client's disconnect and the server's shutdown that long. We answer it at once.
     """
 
-    async def send_event(self, sid: str, event: str, data: dict[str, Any]) -> None:
-        """Emit to one client. `emit(to=sid)` spawns and awaits a task per recipient;
-        on the hot path of every kernel message we send the packet directly."""
+    def _engineio_server_class(self) -> type[engineio.AsyncServer]:
+        return _EngineIO
+
+    async def send_event(self, sid: str, event: str, data: dict[str, Any]) -> int:
+        """Emit to one client; the bytes now waiting for it. `emit(to=sid)` spawns and
+        awaits a task per recipient; on the hot path of every kernel message we send
+        the packet directly."""
         eio_sid = self.manager.eio_sid_from_sid(sid, "/")
-        if eio_sid is not None:
-            await self._send_packet(
-                eio_sid, self.packet_class(socketio.packet.EVENT, namespace="/", data=[event, data])
-            )
+        if eio_sid is None:
+            return 0
+        await self._send_packet(eio_sid, self.packet_class(socketio.packet.EVENT, namespace="/", data=[event, data]))
+        sock = self.eio.sockets.get(eio_sid)
+        return sock.queue.bytes if sock is not None else 0
+
+    async def drop_slow(self, sid: str, notice: dict[str, Any]) -> None:
+        """Throw away what waits for a client that does not keep up (the replay log
+        holds all of it), tell it why, and disconnect it."""
+        eio_sid = self.manager.eio_sid_from_sid(sid, "/")
+        sock = self.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if sock is None:
+            return
+        while not sock.queue.empty():
+            sock.queue.get_nowait()
+            sock.queue.task_done()
+        await self.send_event(sid, "error", notice)
+        await self.disconnect(sid)
 
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         await super()._handle_eio_disconnect(eio_sid, reason)
@@ -86,12 +133,25 @@ def _read_whole_bodies(sio: socketio.AsyncServer) -> None:
 
 
 class SocketSink:
-    def __init__(self, sio: Server, sid: str) -> None:
+    def __init__(self, sio: Server, sid: str, manager: SessionManager) -> None:
         self.sio = sio
         self.sid = sid
+        self.manager = manager
+        self.dropped = False
 
     async def send(self, event: str, data: dict[str, Any]) -> None:
-        await self.sio.send_event(self.sid, event, data)
+        if self.dropped:
+            return
+        waiting = await self.sio.send_event(self.sid, event, data)
+        limit = self.manager.config.client_buffer
+        if waiting > limit:
+            self.dropped = True
+            self.manager.metrics.slow_clients.inc()
+            notice = CellgateError(
+                "slow_client",
+                f"over {limit} bytes were waiting for this connection; resume to get the rest from the replay log",
+            )
+            await self.sio.drop_slow(self.sid, notice.as_dict())
 
     async def close(self, reason: str) -> None:
         await self.sio.disconnect(self.sid)
@@ -145,7 +205,7 @@ def create_server(config: Config, manager: SessionManager) -> Server:
         auth = auth if auth is not None else {}
         if not isinstance(auth, dict):
             raise CellgateError("bad_message", "auth must be an object")
-        sink = SocketSink(sio, sid)
+        sink = SocketSink(sio, sid, manager)
         if "resume" in auth:
             seq, epoch = auth.get("seq"), auth.get("epoch")
             if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):

@@ -2,7 +2,14 @@
 
 The gateway hands a `Kernel` plain message dicts (no signature, no key) and gets plain
 message dicts back through a listener. Everything that touches the kernel's process,
-its ZMQ sockets and its HMAC key stays in this module: the key never leaves it.
+its channels and its HMAC key stays in this module: the key never leaves it.
+
+What the kernel sends is hostile. Every message is bounded on the wire
+(`kernels/wire.py`) before it is kept, and checked here before anyone sees it: four
+JSON objects with a string `msg_type`, nested no deeper than `MAX_DEPTH`. Anything
+else is dropped and counted. A signature proves only that the message came from the
+kernel, since the kernel's own code holds the key; nothing here acts on what a message
+claims.
 """
 
 from __future__ import annotations
@@ -13,23 +20,22 @@ import hmac
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import zmq
-import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
+from kernels import wire, workdir
 from kernels.environment import kernel_environment
 from kernels.provisioner import Exit, ForkProvisioner, ForkServer
+from kernels.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,30 @@ DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.3"
 WARMUP = "get_ipython().display_formatter.format(0)"
 
+MAX_DEPTH = 64  # JSON nesting of a kernel's message; real output nests a dozen deep
+SEND_BACKLOG = 64 << 20  # bytes written to a kernel that it has not read yet
+MiB = 1 << 20
+
 Message = dict[str, Any]
-Listener = Callable[[str, Message], None]
+warn = RateLimitedLog(log)
+
+
+@dataclass(slots=True)
+class Incoming:
+    """One message from the kernel, as the listener gets it."""
+
+    channel: str
+    msg: Message
+    size: int  # its bytes on the wire
+    truncated: bool = False  # over the message limit: content is a marker, buffers are gone
+
+
+Listener = Callable[[Incoming], None]
+DropListener = Callable[[str, str], None]  # (channel, reason)
+
+
+class KernelBusy(RuntimeError):
+    """The kernel has stopped reading what it is sent."""
 
 
 class KernelStartError(RuntimeError):
@@ -54,27 +82,19 @@ class KernelSpec:
     workdir_root: str = ""
     start_timeout: float = 60.0
     fork_server: ForkServer | None = None  # None: a plain jupyter_client process per kernel
+    message_limit: int = 16 * MiB  # the largest message a kernel may send, all frames
 
 
 def default_root() -> str:
     return os.path.join(tempfile.gettempdir(), "cellgate-kernels")
 
 
-def _handshake(sock: zmq.asyncio.Socket) -> Coroutine[Any, Any, None]:
-    """Done once `sock` has completed a ZMTP handshake. Call it before `connect`: the
-    monitor sees only what happens after it is attached, and a handshake can finish
-    before a coroutine would first run."""
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+class _Manager(AsyncKernelManager):
+    """jupyter_client's manager without its own control socket: it would be a libzmq
+    reader of whatever the kernel sends it, unbounded. Signals do its work here."""
 
-    async def succeeded() -> None:
-        try:
-            await monitor.recv_multipart()
-        finally:
-            if not sock.closed:  # a start abandoned mid-way has closed it already
-                sock.disable_monitor()
-            monitor.close(linger=0)
-
-    return succeeded()
+    def _connect_control_socket(self) -> None:
+        return None
 
 
 def now_iso() -> str:
@@ -92,9 +112,10 @@ class Kernel:
         self.started_at = time.monotonic()
         self._manager = manager
         self._session = Session(key=manager.session.key, username="cellgate")
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._limit = spec.message_limit
+        self._channels: dict[str, wire.Connection] = {}
         self._listener: Listener | None = None
+        self._on_drop: DropListener | None = None
         self._on_exit: list[Callable[[Kernel], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._iopub_live = asyncio.Event()
@@ -103,7 +124,7 @@ class Kernel:
         self._closed = False
         self.exit: Exit | None = None  # how it ended, when the fork server could tell
         self.killed_for = ""
-        self.bad_signatures = 0
+        self.dropped = 0  # messages dropped as malformed
         self._startup: dict[str, list[Any]] = {}  # start-up msg_id -> [future, messages still due]
 
     # -- life -------------------------------------------------------------------
@@ -125,7 +146,7 @@ class Kernel:
         options: dict[str, Any] = {}
         if spec.fork_server is not None:
             options["kernel_spec_manager"] = spec.fork_server.specs
-        manager = AsyncKernelManager(
+        manager = _Manager(
             kernel_name=spec.name,
             transport="ipc",
             ip=os.path.join(statedir, "zmq"),
@@ -154,7 +175,7 @@ class Kernel:
                 if manager.has_kernel:
                     await manager.shutdown_kernel(now=True)
                 await manager.cleanup_resources()  # the control socket it may have opened
-            shutil.rmtree(home, ignore_errors=True)
+            workdir.remove_tree(home)  # fresh: the kernel never ran, so there is little in it
             if isinstance(exc, Exception):
                 raise KernelStartError(f"kernel {spec.name!r} failed to start: {exc}") from exc
             raise
@@ -174,28 +195,11 @@ class Kernel:
 
     async def _connect(self) -> None:
         info = self._manager.get_connection_info()
-        base = f"{info['transport']}://{info['ip']}"
-        handshakes = []
-        for channel in CHANNELS:
-            kind = zmq.SUB if channel == "iopub" else zmq.DEALER
-            sock = self._ctx.socket(kind)
-            sock.setsockopt(zmq.LINGER, 0)
-            # We connect while a forked kernel is still binding: retry every few ms, not
-            # at ZMQ's default 100 ms.
-            sock.setsockopt(zmq.RECONNECT_IVL, 5)
-            if kind == zmq.SUB:
-                sock.setsockopt(zmq.SUBSCRIBE, b"")
-            else:
-                sock.setsockopt(zmq.IDENTITY, self._session.bsession)
-                # The kernel's ROUTER drops what it sends to a peer whose handshake is
-                # not done (an input_request, say): wait for every handshake.
-                handshakes.append(_handshake(sock))
-            sep = "-" if info["transport"] == "ipc" else ":"
-            sock.connect(f"{base}{sep}{info[channel + '_port']}")
-            self._sockets[channel] = sock
-            self._tasks.append(asyncio.create_task(self._read(channel, sock)))
+        if info["transport"] != "ipc":
+            raise KernelStartError(f"kernels are reached over ipc, not {info['transport']}")
+        connecting = [self._open(channel, f"{info['ip']}-{info[channel + '_port']}") for channel in CHANNELS]
         self._tasks.append(asyncio.create_task(self._watch()))
-        await self._unless_gone(asyncio.gather(*handshakes))
+        await self._unless_gone(asyncio.gather(*connecting))
         # ZMQ's slow joiner: a SUB socket misses whatever is published before its
         # subscription reaches the kernel. ipykernel 7 greets each new subscriber with
         # iopub_welcome; older kernels answer kernel_info with a status on IOPub.
@@ -293,6 +297,12 @@ class Kernel:
         """The kernel's process (with a fork server, its reaper) as this host sees it."""
         return getattr(self._manager.provisioner, "pid", None)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time used so far by the kernel and every process under it, from /proc:
+        the trusted side's own measure of whether it is running anything."""
+        pid = self.pid
+        return None if pid is None else _tree_cpu(pid)
+
     @property
     def alive(self) -> bool:
         return self._alive and not self._closed
@@ -300,9 +310,11 @@ class Kernel:
     def on_exit(self, callback: Callable[[Kernel], None]) -> None:
         self._on_exit.append(callback)
 
-    def set_listener(self, listener: Listener | None) -> None:
-        """Where every message the kernel sends goes, in the order it arrives."""
+    def set_listener(self, listener: Listener | None, on_drop: DropListener | None = None) -> None:
+        """Where every message the kernel sends goes, in the order it arrives, and who
+        is told of each one dropped as malformed."""
         self._listener = listener
+        self._on_drop = on_drop
 
     async def shutdown(self) -> None:
         """Kill the kernel, close its channels and remove its working directory."""
@@ -313,14 +325,14 @@ class Kernel:
         self._listener = None
         for task in self._tasks:
             task.cancel()
-        for sock in self._sockets.values():
-            sock.close(linger=0)
+        for conn in self._channels.values():
+            conn.close()
         try:
             await self._manager.shutdown_kernel(now=True)
         except Exception:  # a kernel that is already gone is the goal, not a failure
             log.debug("kernel %s shutdown", self.id, exc_info=True)
-        # rmtree works through directory fds and never follows a link the kernel made.
-        await asyncio.to_thread(shutil.rmtree, self._home, True)
+        # Through directory fds, never following a link the kernel made, however deep.
+        await workdir.run(workdir.remove_tree, self._home, timeout=None)
 
     # -- messages ---------------------------------------------------------------
 
@@ -342,6 +354,11 @@ class Kernel:
 
     def send(self, channel: str, msg: Message) -> None:
         """Sign and queue one message for the kernel. `msg` is a complete Jupyter dict."""
+        conn = self._channels.get(channel)
+        if conn is None:
+            raise KernelBusy(f"the kernel's {channel} channel is closed")
+        if conn.backlog > SEND_BACKLOG:
+            raise KernelBusy(f"the kernel has not read the last {conn.backlog} bytes sent to it")
         header = msg["header"]
         header.setdefault("session", self._session.session)
         parts = [
@@ -350,37 +367,77 @@ class Kernel:
             json.dumps(msg.get("metadata") or {}).encode(),
             json.dumps(msg.get("content") or {}).encode(),
         ]
-        frames: list[Any] = [DELIM, self._session.sign(parts), *parts, *msg.get("buffers", ())]
-        # copy=True: messages are small, and zero-copy sends would need pyzmq's
-        # garbage-collector thread, which can hold up the process at exit.
-        self._sockets[channel].send_multipart(frames)
+        conn.send([DELIM, self._session.sign(parts), *parts, *(bytes(b) for b in msg.get("buffers", ()))])
 
-    def _unpack(self, frames: list[bytes]) -> Message | None:
+    async def _open(self, channel: str, path: str) -> None:
+        kind = "SUB" if channel == "iopub" else "DEALER"
+
+        def received(r: wire.Received) -> None:
+            self._received(channel, r)
+
+        def lost(why: str) -> None:
+            if channel in self._channels and self.alive:  # after start-up: the kernel's doing
+                self._tasks.append(asyncio.ensure_future(self._lost_channel(channel, why)))
+
+        conn = await wire.connect(path, kind, self._session.bsession, self._limit, received, lost)
+        self._channels[channel] = conn
+
+    async def _lost_channel(self, channel: str, why: str) -> None:
+        """A kernel's channels close when its process ends; one that closes while the
+        process goes on leaves a kernel that cannot be talked to: replace it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._gone.wait(), 1.0)
+        if self.alive:
+            await self.kill(f"the kernel closed its {channel} channel ({why})")
+
+    def _drop(self, channel: str, reason: str) -> None:
+        self.dropped += 1
+        warn.warning("kernel %s sent a %s message that %s; dropped", self.id, channel, reason)
+        if self._on_drop is not None:
+            self._on_drop(channel, reason)
+
+    def _decode(self, channel: str, r: wire.Received) -> Incoming | None:
+        frames = r.frames
         try:
             i = frames.index(DELIM)
         except ValueError:
-            return None
-        sig, *parts = frames[i + 1 : i + 6]
-        if len(parts) != 4 or not hmac.compare_digest(sig, self._session.sign(parts)):
-            self.bad_signatures += 1
-            if self.bad_signatures == 1:  # once per kernel: a hostile kernel must not flood logs
-                log.warning("kernel %s sent a message with a bad signature; dropped", self.id)
-            return None
-        header, parent, metadata, content = (json.loads(p) for p in parts)
-        return {
+            return self._drop(channel, "has no delimiter")
+        sig, parts = frames[i + 1] if len(frames) > i + 1 else b"", frames[i + 2 : i + 6]
+        if r.oversized:
+            # What arrived before the limit: the header and parent, if they were small.
+            parts = [*parts[:2], b"{}", b"{}", b"{}", b"{}"][:4]
+        elif len(parts) != 4 or not hmac.compare_digest(sig, self._session.sign(parts)):
+            return self._drop(channel, "has a bad signature")
+        try:
+            header, parent, metadata, content = (json.loads(p) for p in parts)
+        except (ValueError, RecursionError):  # not JSON, or nested past the interpreter's limit
+            return self._drop(channel, "is not JSON")
+        if not all(isinstance(p, dict) for p in (header, parent, metadata, content)):
+            return self._drop(channel, "has a part that is not an object")
+        msg_type, msg_id = header.get("msg_type"), header.get("msg_id")
+        if not isinstance(msg_type, str) or not msg_type or len(msg_type) > 64 or not isinstance(msg_id, str):
+            return self._drop(channel, "has no string msg_type and msg_id")
+        if not isinstance(parent.get("msg_id", ""), str):
+            return self._drop(channel, "has a parent msg_id that is not a string")
+        if _too_deep(content) or _too_deep(metadata) or _too_deep(header) or _too_deep(parent):
+            return self._drop(channel, f"is nested deeper than {MAX_DEPTH}")
+        if r.oversized:
+            content = {"cellgate_truncated": {"size": r.size, "limit": self._limit}}
+        msg = {
             "header": header,
             "parent_header": parent,
             "metadata": metadata,
             "content": content,
-            "buffers": frames[i + 6 :],
+            "buffers": [] if r.oversized else frames[i + 6 :],
         }
+        return Incoming(channel, msg, r.size, r.oversized)
 
     def _startup_message(self, channel: str, msg: Message) -> bool:
         """Swallow what the kernel says about our own start-up requests."""
         waiting = self._startup.get(msg["parent_header"].get("msg_id", ""))
         if waiting is None:
             return False
-        msg_type = msg["header"].get("msg_type")
+        msg_type = msg["header"]["msg_type"]
         if (channel == "shell" and msg_type.endswith("_reply")) or (
             msg_type == "status" and msg["content"].get("execution_state") == "idle"
         ):
@@ -391,30 +448,67 @@ class Kernel:
                     waiting[0].set_result(None)
         return True
 
-    async def _read(self, channel: str, sock: zmq.asyncio.Socket) -> None:
+    def _received(self, channel: str, r: wire.Received) -> None:
+        """One message off the wire: checked, then handed on. Nothing it holds can
+        stop the channel."""
         try:
-            while True:
-                frames = await sock.recv_multipart()
-                try:
-                    msg = self._unpack(frames)
-                except ValueError:  # not JSON: a broken or hostile kernel
-                    msg = None
-                if msg is None:
-                    continue
-                if channel == "iopub":
-                    msg_type = msg["header"].get("msg_type")
-                    if not self._iopub_live.is_set():
-                        self._iopub_live.set()
-                    if msg_type == "iopub_welcome":
-                        continue  # about our own subscription, not for clients
-                if self._startup and self._startup_message(channel, msg):
-                    continue
-                listener = self._listener
-                if listener is None:
-                    continue
-                try:
-                    listener(channel, msg)
-                except Exception:  # one bad message must not stop the channel
-                    log.exception("kernel %s: handling a %s message failed", self.id, channel)
-        except (asyncio.CancelledError, zmq.ZMQError):
-            return
+            incoming = self._decode(channel, r)
+            if incoming is None:
+                return
+            msg = incoming.msg
+            if channel == "iopub":
+                if not self._iopub_live.is_set():
+                    self._iopub_live.set()
+                if msg["header"]["msg_type"] == "iopub_welcome":
+                    return  # about our own subscription, not for clients
+            if self._startup and self._startup_message(channel, msg):
+                return
+            listener = self._listener
+            if listener is not None:
+                listener(incoming)
+        except Exception as exc:
+            warn.warning(
+                "kernel %s: handling a %s message failed: %r",
+                self.id,
+                channel,
+                exc,
+            )
+
+
+def _too_deep(value: Any) -> bool:
+    """Nested past MAX_DEPTH: a client's JSON encoder would recurse that deep again."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu(pid: int, bound: int = 512) -> float | None:
+    """User and system time of `pid` and its descendants (at most `bound` processes)."""
+    total, todo, seen = 0, [pid], 0
+    while todo and seen < bound:
+        p = todo.pop()
+        seen += 1
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children", "rb") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError, IndexError):
+            if p == pid:
+                return None
+    return total / _TICK

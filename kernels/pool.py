@@ -78,8 +78,8 @@ class KernelPool:
 
     @property
     def healthy(self) -> bool:
-        # Three failed starts in a row and nothing warm: this node cannot serve.
-        return not self._closed and (self.failures_in_row < 3 or self.counts()["warm"] > 0)
+        # The last start failed and nothing is warm: this node cannot serve.
+        return not self._closed and (self.failures_in_row == 0 or self.counts()["warm"] > 0)
 
     # -- filling ----------------------------------------------------------------
 
@@ -107,14 +107,9 @@ class KernelPool:
         kernel: Kernel | None = None
         try:
             kernel = await self._starter(self.specs[name])
-        except KernelStartError as exc:
-            self.failures_in_row += 1
-            self.last_error = str(exc)
-            log.error("%s", exc)
         except Exception as exc:
-            self.failures_in_row += 1
-            self.last_error = repr(exc)
-            log.exception("kernel start failed")
+            self._failed(str(exc) if isinstance(exc, KernelStartError) else f"kernel start failed: {exc!r}")
+            log.debug("kernel start failed", exc_info=True)
         finally:
             self._starting[name] -= 1
         if kernel is None:
@@ -122,7 +117,10 @@ class KernelPool:
             await asyncio.sleep(min(10.0, 0.5 * 2**self.failures_in_row))
             self._fill(name)
             return
+        if self.failures_in_row:
+            log.info("kernels start again")
         self.failures_in_row = 0
+        self.last_error = None
         if self._closed:
             await kernel.shutdown()
             return
@@ -130,6 +128,13 @@ class KernelPool:
         self._warm[name].append(kernel)
         async with self._changed:
             self._changed.notify_all()
+
+    def _failed(self, error: str) -> None:
+        """One clear line per new reason; the same failure again is not repeated."""
+        self.failures_in_row += 1
+        if error != self.last_error:
+            log.error("kernels cannot start: %s", error)
+        self.last_error = error
 
     def _lost(self, kernel: Kernel) -> None:
         """A warm kernel died before anyone took it: forget it and start another."""

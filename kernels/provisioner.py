@@ -20,11 +20,12 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning import KernelProvisionerFactory, LocalProvisioner
 from traitlets import Unicode
 
 from kernels.environment import server_environment
@@ -34,6 +35,15 @@ from kernels.isolation import Limits
 log = logging.getLogger(__name__)
 
 PROVISIONER = "cellgate-fork"
+
+
+def register() -> None:
+    """Make the provisioner known to jupyter_client in code, so that a plain checkout
+    works without `pip install -e .` having registered its entry point."""
+    KernelProvisionerFactory.provisioners.setdefault(
+        PROVISIONER,
+        EntryPoint(PROVISIONER, f"{__name__}:ForkProvisioner", KernelProvisionerFactory.GROUP_NAME),
+    )
 
 
 class ForkServerError(RuntimeError):
@@ -68,6 +78,7 @@ class ForkServer:
         self._launches: dict[str, asyncio.Future[None]] = {}
         self.report: dict[str, Any] = {"enabled": False, "note": "the fork server has not started yet"}
         self.specs = ForkSpecs(fork_socket=self.socket_path)  # what its kernels' managers look specs up in
+        register()
         _SERVERS[self.socket_path] = self
 
     async def start(self) -> None:

@@ -16,7 +16,9 @@ def test_defaults_match_the_design() -> None:
     assert (c.host, c.port, c.pool_size, c.max_kernels) == ("127.0.0.1", 8888, 2, 50)
     assert (c.resume_grace, c.idle_timeout, c.lifespan) == (60.0, 900.0, 1800.0)
     assert c.sessions_per_client == 5 and c.service_timeout == 30.0
-    assert c.output_cap == c.message_limit == 1024 * 1024
+    assert c.message_limit == 1024 * 1024
+    # A Plotly figure (about 10 MB with its HTML) fits one message and one execution.
+    assert c.output_cap == c.kernel_message_limit == 16 * 1024 * 1024
     assert (c.file_cap, c.session_file_cap) == (10 * 1024 * 1024, 50 * 1024 * 1024)
     assert c.cors == "*"
     assert c.transport_limit > c.message_limit

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gateway import workdir
+from kernels import workdir
 
 
 def test_scan_skips_links_and_special_files(tmp_path) -> None:
