@@ -22,6 +22,7 @@ import engineio.payload
 import socketio
 
 Event = tuple[str, dict[str, Any]]
+MAX_MESSAGE = 256 * 1024 * 1024  # the largest event this client accepts
 # A polling response holds every event queued since the last poll, often more than
 # engine.io's default decode limit of 16 packets (see gateway/sockets.py).
 engineio.payload.Payload.max_decode_packets = 100_000
@@ -64,13 +65,18 @@ class Execution:
     def _iopub(self, msg_type: str) -> list[dict[str, Any]]:
         return [d["content"] for e, d in self.messages if e == "iopub" and d["header"]["msg_type"] == msg_type]
 
+    def _stream(self, name: str) -> str:
+        return "".join(
+            c["text"] for c in self._iopub("stream") if c.get("name") == name and isinstance(c.get("text"), str)
+        )
+
     @property
     def stdout(self) -> str:
-        return "".join(c["text"] for c in self._iopub("stream") if c["name"] == "stdout")
+        return self._stream("stdout")
 
     @property
     def stderr(self) -> str:
-        return "".join(c["text"] for c in self._iopub("stream") if c["name"] == "stderr")
+        return self._stream("stderr")
 
     @property
     def result(self) -> dict[str, Any] | None:
@@ -158,7 +164,11 @@ class Client:
         return await self._connect(auth)
 
     async def _connect(self, auth: dict[str, Any]) -> dict[str, Any]:
-        sio = _SocketIO(reconnection=False, engineio_logger=_EIO_LOG)
+        # aiohttp refuses WebSocket messages over 4 MiB by default and drops the
+        # connection; a server relays kernel messages of up to 16 MiB (more, encoded).
+        sio = _SocketIO(
+            reconnection=False, engineio_logger=_EIO_LOG, websocket_extra_options={"max_msg_size": MAX_MESSAGE}
+        )
         self._session_event.clear()
         self._refusal = None
 

@@ -165,8 +165,9 @@ def validate(config: Config) -> None:
     for name in positive:
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
             problems.append(f"--{name.replace('_', '-')} must be positive")
-    if config.client_buffer < 2 * config.kernel_message_limit:
-        problems.append("--client-buffer must be at least twice --kernel-message-limit")
+    # A resume pushes the whole replay log at once, and one more message may follow.
+    if config.client_buffer < config.replay_bytes + 2 * config.kernel_message_limit:
+        problems.append("--client-buffer must be at least --replay-bytes plus twice --kernel-message-limit")
     if config.isolation not in ("auto", "required", "off"):
         problems.append("--isolation must be auto, required or off")
     try:

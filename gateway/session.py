@@ -358,10 +358,10 @@ class Session:
         self.manager.metrics.messages.labels("to_client", channel).inc()
         if not lifecycle:
             return
-        if self._queue and parent == self._queue[0].msg_id:
-            if (channel == "shell" and msg_type.endswith("_reply")) or (
-                msg_type == "status" and msg["content"].get("execution_state") == "idle"
-            ):
+        # IOPub is one ordered stream (busy, output, idle) while the reply races it on
+        # shell: a request is over at its idle status, after all of its output.
+        if self._queue and parent == self._queue[0].msg_id and msg_type == "status":
+            if msg["content"].get("execution_state") == "idle":
                 self._finished(self._queue.popleft())
         if channel == "control" and msg_type == "shutdown_reply" and self._ending:
             self._spawn(self.end("shutdown", "requested"))

@@ -252,8 +252,12 @@ class Kernel:
         if isinstance(provisioner, ForkProvisioner):
             self.exit = await provisioner.exited()  # a pidfd: told the moment it ends
             # What it sent just before it ended (a shutdown_reply, its last output) may
-            # still be in the sockets: let the readers deliver it first.
-            await asyncio.sleep(0.1)
+            # still be in the sockets: let the readers deliver it, up to each one's end.
+            ends = [asyncio.ensure_future(conn.gone.wait()) for conn in self._channels.values()]
+            if ends:
+                _, pending = await asyncio.wait(ends, timeout=1.0)
+                for end in pending:
+                    end.cancel()
         else:  # our own child process: polling it is cheap and exact
             while await self._manager.is_alive():  # noqa: ASYNC110 (no event to wait on)
                 await asyncio.sleep(0.2)

@@ -86,6 +86,7 @@ class Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._greeted = False
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.gone = asyncio.Event()  # the connection has ended, everything before it read
         self._frames: list[bytes] = []
         self._size = 0
         self._skip = 0  # bytes of the current frame still to throw away
@@ -102,6 +103,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.gone.set()
         if not self.ready.done():
             self.ready.set_exception(WireError(f"the kernel closed the connection ({exc or 'EOF'})"))
         self._on_lost("the connection was closed" if exc is None else str(exc))

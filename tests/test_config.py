@@ -43,3 +43,10 @@ def test_help_lists_every_setting_with_its_variable() -> None:
     for f in dataclasses.fields(Config):
         assert "--" + f.name.replace("_", "-") in out
         assert "CELLGATE_" + f.name.upper() in out
+
+
+def test_the_client_buffer_holds_a_whole_replay() -> None:
+    # Otherwise a resume would trip the slow-client bound with the log's own events.
+    with pytest.raises(SystemExit, match="client-buffer"):
+        parse(["--client-buffer", str(32 << 20)], environ={})
+    assert parse(["--client-buffer", str(48 << 20), "--replay-bytes", str(16 << 20)], environ={}).client_buffer

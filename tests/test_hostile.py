@@ -9,7 +9,6 @@ a containment failure fails the test and not the machine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ import pytest_asyncio
 
 from gateway.client import Client
 from kernels.pool import KernelPool
-from tests.conftest import ClientFactory, Gateway, GatewayFactory
+from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel isolation needs root")
 
@@ -42,46 +41,6 @@ async def gw(start_gateway: GatewayFactory) -> AsyncIterator[Gateway]:
     g = await start_gateway(queue_timeout=60.0)
     yield g
     await g.end_sessions()
-
-
-class Bystander:
-    """A second session that keeps running 1+1; `misses` lists every slow or wrong answer."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.answers = 0
-        self.misses: list[str] = []
-
-    async def run(self) -> None:
-        while True:
-            try:
-                run = await asyncio.wait_for(self.client.execute("1+1"), 1.0)
-                if run.result != {"text/plain": "2"}:
-                    self.misses.append(f"wrong answer {run.result}")
-                self.answers += 1
-            except TimeoutError:
-                self.misses.append("no answer within 1 s")
-            await asyncio.sleep(0.1)
-
-
-@pytest_asyncio.fixture
-async def bystander(connect: ClientFactory) -> AsyncIterator[Bystander]:
-    b = Bystander(await connect())
-    await b.client.execute("1+1")  # its kernel attached before the attack starts
-    task = asyncio.create_task(b.run())
-    yield b
-    # One more answer after the attack is over: the node still serves (and a quick
-    # attack may be over before the bystander's first answer).
-    answered = b.answers
-    for _ in range(100):
-        if b.answers > answered:
-            break
-        await asyncio.sleep(0.05)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    assert b.answers > answered, "no answer after the attack"
-    assert not b.misses, b.misses
 
 
 async def uid_of(c: Client) -> int:

@@ -51,9 +51,7 @@ async def router(tmp_path) -> AsyncIterator[tuple[zmq.asyncio.Socket, str]]:
 
 
 async def connect(path: str, peer: Peer, socket_type: str = "DEALER", limit: int = 4 * MiB) -> wire.Connection:
-    return await asyncio.wait_for(
-        wire.connect(path, socket_type, b"me", limit, peer.on_message, peer.on_lost), 10
-    )
+    return await asyncio.wait_for(wire.connect(path, socket_type, b"me", limit, peer.on_message, peer.on_lost), 10)
 
 
 async def test_a_dealer_talks_to_a_router_both_ways(router) -> None:
