@@ -124,7 +124,6 @@ class Kernel:
         self._closed = False
         self.exit: Exit | None = None  # how it ended, when the fork server could tell
         self.killed_for = ""
-        self.dropped = 0  # messages dropped as malformed
         self._startup: dict[str, list[Any]] = {}  # start-up msg_id -> [future, messages still due]
 
     # -- life -------------------------------------------------------------------
@@ -395,7 +394,6 @@ class Kernel:
             await self.kill(f"the kernel closed its {channel} channel ({why})")
 
     def _drop(self, channel: str, reason: str) -> None:
-        self.dropped += 1
         warn.warning("kernel %s sent a %s message that %s; dropped", self.id, channel, reason)
         if self._on_drop is not None:
             self._on_drop(channel, reason)
