@@ -32,7 +32,7 @@ class Config:
     kernels: str = _setting("python3", "comma-separated kernel names clients may ask for")
     pool_size: int = _setting(2, "warm kernels kept ready per kernel name (0: start on demand)")
     max_kernels: int = _setting(50, "kernels per node, warm and attached")
-    queue_timeout: float = _setting(10.0, "seconds a request waits for a kernel before capacity_node")
+    queue_timeout: float = _setting(10.0, "seconds a request waits for a free kernel place before capacity_node")
     kernel_start_timeout: float = _setting(60.0, "seconds a kernel may take to start")
     resume_grace: float = _setting(60.0, "seconds a disconnected session waits for a resume")
     idle_timeout: float = _setting(900.0, "seconds without activity before a session ends")

@@ -398,7 +398,10 @@ def _stage_a(server: Server, orders: socket.socket, handoff: int) -> NoReturn:
         if pid == 0:
             os.close(handoff)
             _stage_b(server, orders)
-        os.write(handoff, struct.pack("i", pid))
+        # The server may have stopped while this spare was being made: then B reads the
+        # end of its orders and exits, and there is nothing to say.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(handoff, struct.pack("i", pid))
         os._exit(0)
     except BaseException:
         traceback.print_exc()

@@ -232,6 +232,9 @@ class Kernel:
         kernel that exits before it binds would otherwise be waited for until the
         start timeout."""
         task = asyncio.ensure_future(step)
+        # However this wait ends, the step's outcome counts as seen: a gather given up
+        # on must not log "exception was never retrieved".
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         gone = asyncio.ensure_future(self._gone.wait())
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -240,8 +243,6 @@ class Kernel:
             if not task.done():  # the kernel died, or the whole start was given up
                 task.cancel()
                 await asyncio.wait({task})
-                if not task.cancelled():
-                    task.exception()  # retrieved: a gather given up on must not log
         if gone.done() and not gone.cancelled():
             raise KernelStartError(f"kernel exited during start-up ({self.exit_reason})")
         return task.result()

@@ -113,6 +113,8 @@ class KernelPool:
         finally:
             self._starting[name] -= 1
         if kernel is None:
+            async with self._changed:
+                self._changed.notify_all()  # whoever waited for this start decides again
             # Back off so that a broken kernel spec does not spin a core.
             await asyncio.sleep(min(10.0, 0.5 * 2**self.failures_in_row))
             self._fill(name)
@@ -169,10 +171,16 @@ class KernelPool:
                         self._spawn(kernel.shutdown())
                     self._fill(name)
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), remaining)
+                    elif self._starting[name]:
+                        # The timeout bounds the wait for a free place. A kernel already
+                        # starting may be ours: its start has its own timeout, and its
+                        # end, success or failure, wakes this loop.
+                        await self._changed.wait()
+                    else:
                         raise PoolExhausted(self._why())
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), remaining)
         finally:
             self._waiting[name] -= 1
             self._fill(name)
