@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
@@ -21,7 +22,7 @@ from gateway.app import create_app, create_fork_server
 from gateway.client import Client
 from gateway.config import Config
 from gateway.sessions import SessionManager
-from kernels.kernel import Kernel, KernelSpec
+from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
@@ -40,14 +41,21 @@ class Gateway:
     def manager(self) -> SessionManager:
         return self.server.app["manager"]
 
-    def kernel_of(self, client: Client) -> Kernel:
-        """The kernel attached to `client`'s session on this node."""
-        kernel = self.manager.sessions[client.info["session"]].kernel
-        assert kernel is not None
-        return kernel
+    async def health(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/health") as r:
+            return await r.json()
+
+    async def wait_sessions(self, n: int, timeout: float = 10.0) -> int:
+        """How many sessions /health reports, once it is `n` or `timeout` has passed."""
+        count = -1
+        for _ in range(int(timeout / 0.05)):
+            if (count := (await self.health())["sessions"]) == n:
+                break
+            await asyncio.sleep(0.05)
+        return count
 
     async def end_sessions(self) -> None:
-        await asyncio.gather(*(s.end("shutdown", "test over") for s in list(self.manager.sessions.values())))
+        await self.manager.close()  # what the node does on its way down
 
 
 @pytest.fixture(scope="session")

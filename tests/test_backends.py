@@ -1,13 +1,14 @@
 """The backend interfaces: every registry and every blob store passes the same tests.
 
-The embedded backends (memory registry, local directory store) run here; other
-backends join the parametrization when they exist.
+Each fixture is parametrized over a table of backends; a new backend joins by adding
+its factory to the table, and every test below then runs against it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,17 +16,24 @@ from gateway.registry import MemoryRegistry, SessionRecord, SessionRegistry
 from gateway.registry.base import new_token, token_digest
 from gateway.stores import BlobStore, LocalStore
 
+REGISTRIES: dict[str, Callable[[], SessionRegistry]] = {
+    "memory": lambda: MemoryRegistry(replay_limit=5, replay_bytes=10_000),
+}
+STORES: dict[str, Callable[[Path], BlobStore]] = {
+    "local": lambda tmp: LocalStore(str(tmp / "blobs")),
+}
 
-@pytest.fixture(params=["memory"])
+
+@pytest.fixture(params=list(REGISTRIES))
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[SessionRegistry]:
-    reg = MemoryRegistry(replay_limit=5, replay_bytes=10_000)
+    reg = REGISTRIES[request.param]()
     yield reg
     await reg.close()
 
 
-@pytest.fixture(params=["local"])
-async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[BlobStore]:
-    s = LocalStore(str(tmp_path / "blobs"))
+@pytest.fixture(params=list(STORES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    s = STORES[request.param](tmp_path)
     yield s
     await s.close()
 

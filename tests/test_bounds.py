@@ -160,6 +160,45 @@ async def test_a_client_that_never_reads_is_disconnected(
     await c.drop()
 
 
+async def test_cpu_loop_is_interrupted(
+    start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
+) -> None:
+    gw = await start_gateway(execution_timeout=2.0, queue_timeout=60.0)
+    c = await connect(gw)
+    run = await c.execute("while True:\n    pass", timeout=30)
+    assert run.error is not None and run.error["ename"] == "KeyboardInterrupt"
+    assert [e["code"] for e in run.errors] == ["timeout"]
+    assert (await c.execute("1+1")).result == {"text/plain": "2"}  # same kernel, still alive
+    await c.shutdown()
+
+
+async def test_kernel_that_ignores_interrupts_is_killed(
+    start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
+) -> None:
+    gw = await start_gateway(execution_timeout=1.0, queue_timeout=60.0)
+    c = await connect(gw)
+    await c.request(
+        "shell",
+        "execute_request",
+        {"code": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"},
+    )
+    dead = await c.wait_event("kernel", state="dead", timeout=30)
+    assert "ignored the interrupt" in dead["reason"]
+    assert (await c.execute("1+1", timeout=30)).result == {"text/plain": "2"}  # a fresh kernel
+    await c.shutdown()
+
+
+async def test_print_flood(start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander) -> None:
+    # A 1 MiB cap, so that the loop passes it well inside its 3 s on a busy machine.
+    gw = await start_gateway(execution_timeout=3.0, queue_timeout=60.0, output_cap=MiB)
+    c = await connect(gw)
+    run = await c.execute("while True:\n    print('x' * 100)", timeout=30)
+    codes = [e["code"] for e in run.errors]
+    assert "output_capped" in codes and "timeout" in codes
+    assert len(run.stdout) <= gw.config.output_cap + 64 * 1024
+    await c.shutdown()
+
+
 async def test_a_forged_reply_does_not_stop_the_clock(
     start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
 ) -> None:
@@ -292,7 +331,8 @@ async def test_swapping_a_directory_for_a_link_never_leaks(
     for f in reported:  # and nothing stored is the server's
         if f["url"]:
             async with aiohttp.ClientSession() as http, http.get(c.url + f["url"]) as resp:
-                assert await resp.read() == b"mine"
+                # A scan runs while the next cell writes, so it may catch a file half written.
+                assert b"mine".startswith(await resp.read())
 
 
 async def test_deep_and_wide_trees_cost_a_bounded_scan_and_go_with_the_kernel(

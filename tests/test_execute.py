@@ -144,17 +144,12 @@ async def test_messages_without_kernel_are_refused(connect: ClientFactory) -> No
 async def test_shutdown_request_ends_the_session(connect: ClientFactory, gw: Gateway) -> None:
     c = await connect()
     await c.execute("1")
-    session_id = c.info["session"]
     start = len(c.events)
     await c.shutdown()
     events = c.events[start:]
     assert any(e == "control" and d["header"]["msg_type"] == "shutdown_reply" for e, d in events)
     assert events[-1][0] == "kernel" and events[-1][1]["state"] == "shutdown"
-    for _ in range(50):
-        if session_id not in gw.manager.sessions:
-            break
-        await asyncio.sleep(0.05)
-    assert session_id not in gw.manager.sessions
+    assert await gw.wait_sessions(0) == 0
     resumed = await connect(connect=False)
     try:
         await resumed.resume(c.token, c.epoch, c.last_seq)

@@ -97,8 +97,7 @@ async def test_per_file_cap(start_gateway: GatewayFactory, transport: list[str])
 
 async def test_workdir_is_removed_when_the_session_ends(connect: ClientFactory, gw: Gateway) -> None:
     c = await connect()
-    await c.execute("open('x','w').write('x')")
-    workdir = gw.kernel_of(c).workdir
+    workdir = (await c.execute("open('x','w').write('x')\nimport os\nos.getcwd()")).result["text/plain"].strip("'")
     assert os.path.isdir(workdir)
     await c.shutdown()
     assert not os.path.exists(workdir)

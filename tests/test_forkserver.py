@@ -18,7 +18,7 @@ from gateway.client import Client
 from gateway.config import Config
 from kernels.kernel import Kernel, KernelSpec, KernelStartError
 from kernels.pool import KernelPool
-from kernels.provisioner import ForkProvisioner, ForkServer, ForkServerError
+from kernels.provisioner import ForkServer, ForkServerError
 from tests.conftest import ClientFactory, Gateway
 
 
@@ -30,11 +30,12 @@ async def test_each_kernel_has_its_own_random_seed(connect: ClientFactory) -> No
     assert set(first.split()).isdisjoint(second.split())
 
 
-async def test_forked_kernels_are_provisioned_through_jupyter_client(connect: ClientFactory, gw: Gateway) -> None:
+async def test_forked_kernels_are_provisioned_through_jupyter_client(connect: ClientFactory) -> None:
     c = await connect()
-    run = await c.execute("import os, sys\nprint(os.getpid(), os.getcwd() == os.environ['HOME'])")
-    assert run.stdout.split()[1] == "True"
-    assert isinstance(gw.kernel_of(c)._manager.provisioner, ForkProvisioner)
+    run = await c.execute("import os\nprint(os.getppid(), os.getcwd() == os.environ['HOME'])")
+    parent, home = run.stdout.split()
+    assert home == "True"
+    assert int(parent) != os.getpid()  # a child of the fork server, not of the gateway
 
 
 async def test_a_fresh_kernel_is_configured_from_its_command_line_and_untouched(connect: ClientFactory) -> None:

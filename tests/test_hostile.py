@@ -61,13 +61,6 @@ async def assert_nothing_left(uid: int) -> None:
     pytest.fail(f"processes of kernel uid {uid} outlived the session: {left}")
 
 
-async def end(gw: Gateway, c: Client) -> None:
-    """End the attacker's session (only: the bystander's goes on)."""
-    session = gw.manager.sessions[c.info["session"]]
-    await c.drop()
-    await session.end("shutdown", "test over")
-
-
 async def test_fork_storm(connect: ClientFactory, gw: Gateway, bystander: Bystander) -> None:
     c = await connect()
     uid = await uid_of(c)
@@ -84,7 +77,7 @@ async def test_fork_storm(connect: ClientFactory, gw: Gateway, bystander: Bystan
     born = int(run.stdout.split("born")[-1])
     assert born < 128  # the process limit, not the 3000 asked for
     assert (await c.execute("1+1")).result == {"text/plain": "2"}  # the kernel itself is fine
-    await end(gw, c)
+    await c.shutdown()
     await assert_nothing_left(uid)
 
 
@@ -105,51 +98,12 @@ async def test_memory_bomb(connect: ClientFactory, bystander: Bystander) -> None
     assert (await c.execute("1+1", timeout=30)).result == {"text/plain": "2"}
 
 
-async def test_cpu_loop_is_interrupted(
-    start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
-) -> None:
-    gw = await start_gateway(execution_timeout=2.0, queue_timeout=60.0)
-    c = await connect(gw)
-    run = await c.execute("while True:\n    pass", timeout=30)
-    assert run.error is not None and run.error["ename"] == "KeyboardInterrupt"
-    assert [e["code"] for e in run.errors] == ["timeout"]
-    assert (await c.execute("1+1")).result == {"text/plain": "2"}  # same kernel, still alive
-    await end(gw, c)
-
-
-async def test_kernel_that_ignores_interrupts_is_killed(
-    start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander
-) -> None:
-    gw = await start_gateway(execution_timeout=1.0, queue_timeout=60.0)
-    c = await connect(gw)
-    uid = await uid_of(c)
-    await c.request(
-        "shell",
-        "execute_request",
-        {"code": "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"},
-    )
-    dead = await c.wait_event("kernel", state="dead", timeout=30)
-    assert "ignored the interrupt" in dead["reason"]
-    await assert_nothing_left(uid)
-    assert (await c.execute("1+1", timeout=30)).result == {"text/plain": "2"}  # a fresh kernel
-    await end(gw, c)
-
-
-async def test_print_flood(start_gateway: GatewayFactory, connect: ClientFactory, bystander: Bystander) -> None:
-    gw = await start_gateway(execution_timeout=3.0, queue_timeout=60.0)
-    c = await connect(gw)
-    run = await c.execute("while True:\n    print('x' * 100)", timeout=30)
-    codes = [e["code"] for e in run.errors]
-    assert "output_capped" in codes and "timeout" in codes
-    assert len(run.stdout) <= gw.config.output_cap + 64 * 1024
-    await end(gw, c)
-
-
 async def test_file_past_the_size_limit(connect: ClientFactory, gw: Gateway, bystander: Bystander) -> None:
     c = await connect()
     run = await c.execute("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (100 << 20))")
     assert run.error is not None and "File too large" in run.error["evalue"]
-    assert os.path.getsize(os.path.join(gw.kernel_of(c).workdir, "big.bin")) <= 64 << 20
+    size = await c.execute("import os\nos.path.getsize('big.bin')")
+    assert int(size.result["text/plain"]) <= 64 << 20
 
 
 async def test_killing_parent_and_gateway_and_scanning_proc(connect: ClientFactory, bystander: Bystander) -> None:
@@ -174,8 +128,8 @@ async def test_other_kernels_directories_are_unreadable(
     connect: ClientFactory, gw: Gateway, bystander: Bystander
 ) -> None:
     a, b = await connect(), await connect()
-    await a.execute("open('secret.txt', 'w').write('mine')")
-    secret = os.path.join(gw.kernel_of(a).workdir, "secret.txt")
+    run = await a.execute("import os\nopen('secret.txt', 'w').write('mine')\nos.path.abspath('secret.txt')")
+    secret = run.result["text/plain"].strip("'")
     run = await b.execute(f"open({secret!r}).read()")
     # Not in its mount namespace at all where kernel homes are under /tmp; else not its uid's.
     assert run.error is not None and run.error["ename"] in ("FileNotFoundError", "PermissionError")
@@ -218,7 +172,7 @@ async def test_tmp_and_shm_are_private(connect: ClientFactory, gw: Gateway, byst
     a = await connect()
     run = await a.execute("import os\n" + plant)
     assert run.error is None, run.error
-    await end(gw, a)
+    await a.shutdown()
     b = await connect()
     run = await b.execute(
         "import os\nprint([os.path.exists(d + '/leftover') for d in ('/tmp', '/var/tmp', '/dev/shm')])"

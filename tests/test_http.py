@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gateway, GatewayFactory
 
@@ -81,7 +82,7 @@ async def test_service_timeout(start_gateway: GatewayFactory, aiohttp_client: An
     r = await http.post("/service", json={"code": "import time\ntime.sleep(30)"})
     assert r.status == 504
     assert (await r.json())["error"]["code"] == "timeout"
-    assert gw.manager.sessions == {}  # the kernel was reclaimed
+    assert (await gw.health())["sessions"] == 0  # the kernel was reclaimed
 
 
 async def test_service_over_capacity(start_gateway: GatewayFactory, aiohttp_client: Any) -> None:
@@ -89,7 +90,7 @@ async def test_service_over_capacity(start_gateway: GatewayFactory, aiohttp_clie
     http = await aiohttp_client(gw.server)
     slow = asyncio.ensure_future(http.post("/service", json={"code": "import time\ntime.sleep(2)"}))
     for _ in range(100):
-        if gw.manager.sessions:
+        if (await gw.health())["sessions"]:
             break
         await asyncio.sleep(0.02)
     r = await http.post("/service", json={"code": "1"})
@@ -159,14 +160,29 @@ async def test_health_fails_when_kernels_cannot_start(start_gateway: GatewayFact
     await broken.close()
 
 
-async def test_metrics_count_what_happened(http: aiohttp.ClientSession) -> None:
-    await http.post("/service", json={"code": "1"})
-    await http.post("/service", json={"nope": 1})
+async def metrics(http: aiohttp.ClientSession) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     text = await (await http.get("/metrics")).text()
-    assert "cellgate_sessions" in text and 'cellgate_kernels{state="warm"}' in text
-    assert 'cellgate_messages_total{channel="shell",direction="to_kernel"}' in text
-    assert "cellgate_execution_seconds_count" in text
-    assert 'cellgate_errors_total{code="bad_message"}' in text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_count_what_happened(http: aiohttp.ClientSession) -> None:
+    shell_in = ("cellgate_messages_total", frozenset({("channel", "shell"), ("direction", "to_kernel")}))
+    runs = ("cellgate_execution_seconds_count", frozenset())
+    bad = ("cellgate_errors_total", frozenset({("code", "bad_message")}))
+    before = await metrics(http)
+    for _ in range(3):
+        assert (await http.post("/service", json={"code": "1"})).status == 200
+    for _ in range(2):
+        assert (await http.post("/service", json={"nope": 1})).status == 400
+    after = await metrics(http)
+    assert after[shell_in] - before.get(shell_in, 0) == 3
+    assert after[runs] - before.get(runs, 0) == 3
+    assert after[bad] - before.get(bad, 0) == 2
+    assert after[("cellgate_kernels", frozenset({("state", "warm")}))] >= 0
 
 
 async def test_openapi_describes_every_route(http: aiohttp.ClientSession, gw: Gateway) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -127,16 +128,11 @@ async def test_after_grace_the_kernel_is_reclaimed(start_gateway: GatewayFactory
     gw = await start_gateway(resume_grace=1.0)
     c = Client(gw.url, transports=transport)
     await c.connect()
-    await c.execute("1")
-    session_id = c.info["session"]
-    kernel = gw.manager.sessions[session_id].kernel
+    home = (await c.execute("import os\nos.getcwd()")).result["text/plain"].strip("'")
+    assert (await gw.health())["sessions"] == 1 and os.path.isdir(home)
     await c.drop()
-    for _ in range(60):
-        if session_id not in gw.manager.sessions:
-            break
-        await asyncio.sleep(0.1)
-    assert session_id not in gw.manager.sessions
-    assert kernel is not None and not kernel.alive
+    assert await gw.wait_sessions(0) == 0
+    assert not os.path.exists(home)  # the kernel went, and its home with it
     again = Client(gw.url, transports=transport)
     with pytest.raises(Refused) as err:
         await again.resume(c.token, c.epoch, c.last_seq)
