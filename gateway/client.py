@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import engineio.payload
 import socketio
 
@@ -31,19 +32,35 @@ _EIO_LOG.setLevel(logging.ERROR)  # engine.io logs every packet at INFO, a norma
 
 
 class _SocketIO(socketio.AsyncClient):
+    """Owns its HTTP session. engine.io's client drops its own session on a reset, and a
+    poll still under way then opens a fresh one that nobody closes; ours is closed once,
+    after everything that could use it has ended."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._http = aiohttp.ClientSession()
+        self._closing: asyncio.Task[None] | None = None
+        super().__init__(http_session=self._http, **kwargs)
+
     async def disconnect(self) -> None:
         # On polling, engine.io's client waits for its pending long-poll GET, which the
         # server answers only at its next ping (25 s): wait a moment, not that long.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(super().disconnect(), 0.5)
-        # A poll still under way when the server closed the session may open a fresh
-        # HTTP session after engine.io's reset: let it end, then close whatever is open.
-        reader = getattr(self.eio, "read_loop_task", None)
-        if reader is not None and not reader.done():
-            await asyncio.wait([reader], timeout=0.5)
-        http = getattr(self.eio, "http", None)
-        if http is not None and not http.closed:
-            await http.close()
+        await self._close_http()
+
+    async def _handle_eio_disconnect(self, reason: Any) -> None:
+        await super()._handle_eio_disconnect(reason)
+        # The server ended the connection: close the session once engine.io is done
+        # with it. This runs inside engine.io's read loop, so not here and now.
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close_http())
+
+    async def _close_http(self) -> None:
+        loops = [getattr(self.eio, name, None) for name in ("read_loop_task", "write_loop_task")]
+        running = [t for t in loops if t is not None and not t.done() and t is not asyncio.current_task()]
+        if running:
+            await asyncio.wait(running, timeout=0.5)
+        await self._http.close()
 
 
 class Refused(Exception):
@@ -198,7 +215,10 @@ class Client:
                 headers=self.headers,
                 wait_timeout=self.timeout,
             )
-        except socketio.exceptions.ConnectionError as exc:
+        except BaseException as exc:
+            await sio.disconnect()
+            if not isinstance(exc, socketio.exceptions.ConnectionError):
+                raise
             refusal = self._refusal or {"code": "connection_failed", "message": str(exc)}
             raise Refused(refusal.get("code", "unknown"), refusal.get("message", ""), refusal) from None
         self.sio = sio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import engineio
@@ -50,8 +51,35 @@ def _packet_size(pkt: Any) -> int:
 
 
 class _EngineIO(engineio.AsyncServer):
+    """Byte-counted send queues, and a quiet end to a close.
+
+    A polling client answers the server's close with one last request of its own, for
+    a sid this node has just forgotten, which engine.io would log as an ERROR. That is
+    the normal tail of a close; an unknown sid this node never closed (a balancer that
+    lost stickiness) is still logged as engine.io logs it.
+    """
+
+    CLOSED_REMEMBERED = 10_000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._closed: OrderedDict[str, None] = OrderedDict()
+
     def create_queue(self, *args: Any, **kwargs: Any) -> ByteQueue:
         return ByteQueue(*args, **kwargs)
+
+    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "disconnect" and args:
+            self._closed[args[0]] = None
+            while len(self._closed) > self.CLOSED_REMEMBERED:
+                self._closed.popitem(last=False)
+        return await super()._trigger_event(event, *args, **kwargs)
+
+    def _log_error_once(self, message: str, message_key: str) -> None:
+        if message_key == "bad-sid" and message.rsplit(" ", 1)[-1] in self._closed:
+            self.logger.debug(message)
+            return
+        super()._log_error_once(message, message_key)
 
 
 class Server(socketio.AsyncServer):
