@@ -28,13 +28,12 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aiohttp
-from jupyter_client.manager import AsyncKernelManager
 
-from bench.latency import free_port, start_gateway, summary
+from bench.latency import direct_manager, free_port, start_gateway, summary
 from gateway.app import create_fork_server
 from gateway.client import Client
 from gateway.config import Config
-from kernels.kernel import Kernel, KernelSpec
+from kernels.kernel import Incoming, Kernel, KernelSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JKG_VENV = os.path.join(HERE, ".venv-jkg")
@@ -54,7 +53,8 @@ def show(name: str, samples: list[float], reference: float | None = None) -> flo
 async def first_result(kernel: Kernel) -> None:
     done = asyncio.get_running_loop().create_future()
 
-    def listener(channel: str, msg: dict) -> None:
+    def listener(incoming: Incoming) -> None:
+        msg = incoming.msg
         if msg["header"]["msg_type"] == "execute_result" and not done.done():
             done.set_result(msg["content"]["data"]["text/plain"])
 
@@ -88,7 +88,7 @@ async def cold(rounds: int) -> list[float]:
     for _ in range(rounds):
         await asyncio.sleep(0.3)
         began = time.perf_counter()
-        km = AsyncKernelManager(kernel_name="python3")
+        km = direct_manager()
         await km.start_kernel()
         kc = km.client()
         kc.start_channels()
@@ -112,10 +112,14 @@ def jkg_python() -> str:
     if not os.path.exists(python):
         print(f"  (installing jupyter-kernel-gateway {JKG_VERSION} into {JKG_VENV})", flush=True)
         subprocess.run([sys.executable, "-m", "venv", JKG_VENV], check=True)
-        subprocess.run(
+        # pip's own chatter (index warnings) is shown only if the install fails.
+        done = subprocess.run(
             [python, "-m", "pip", "install", "--quiet", f"jupyter-kernel-gateway=={JKG_VERSION}", "ipykernel"],
-            check=True,
+            capture_output=True,
+            text=True,
         )
+        if done.returncode:
+            sys.exit(f"installing jupyter-kernel-gateway failed:\n{done.stdout}{done.stderr}")
     return python
 
 
@@ -207,7 +211,7 @@ async def memory(n: int, root: str) -> tuple[float, float]:
     await fork_server.close()
     managers = []
     for _ in range(n):
-        km = AsyncKernelManager(kernel_name="python3")
+        km = direct_manager()
         await km.start_kernel()
         managers.append(km)
     await asyncio.sleep(4)

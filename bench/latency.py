@@ -8,7 +8,8 @@ Measures, on loopback:
     jupyter_client, through Cellgate over WebSocket, and over polling;
   * new session -> first result of `1+1` (kernel from the warm pool);
   * an output flood (a loop printing 20,000 lines), direct vs through Cellgate.
-The gateway runs as its own process, as in production; the client runs here.
+The gateway runs as its own process, as in production; the client runs here. The paths
+are measured interleaved, round by round, so that each sees the same machine.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,23 +47,27 @@ def summary(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
 
 
-async def timed(n: int, once: Callable[[], Awaitable[None]], warmup: int = 10) -> list[float]:
-    for _ in range(warmup):
-        await once()
-    out = []
-    for _ in range(n):
-        began = time.perf_counter()
-        await once()
-        out.append((time.perf_counter() - began) * 1000)
-    return out
+async def timed_once(run: Callable[[str], Awaitable[Any]], code: str) -> float:
+    began = time.perf_counter()
+    await run(code)
+    return (time.perf_counter() - began) * 1000
 
 
 # -- jupyter_client direct ---------------------------------------------------------
 
 
+def direct_manager() -> AsyncKernelManager:
+    """A kernel as jupyter_client starts one, over ipc sockets like Cellgate's (its TCP
+    default would warn, and would not compare like with like)."""
+    return AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(_SOCKETS.name, uuid.uuid4().hex))
+
+
+_SOCKETS = tempfile.TemporaryDirectory(prefix="cellgate-bench-direct-")
+
+
 class Direct:
     async def start(self) -> None:
-        self.km = AsyncKernelManager(kernel_name="python3")
+        self.km = direct_manager()
         await self.km.start_kernel()
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -128,38 +136,51 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     n = 50 if args.quick else 300
+    floods = 3 if args.quick else 9
     rows: list[tuple[str, list[float], str]] = []
 
     direct = Direct()
     await direct.start()
-    d_rt = await timed(n, lambda: direct.run("1+1"))
-    flood_direct = await timed(3 if args.quick else 5, lambda: direct.run(FLOOD), warmup=1)
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_gateway(port)
     try:
         await wait_ready(url)
-        results = {}
-        for name, transports in (("websocket", ["websocket"]), ("polling", ["polling"])):
-            c = Client(url, transports=transports)
+        clients = {"websocket": Client(url, transports=["websocket"]), "polling": Client(url, transports=["polling"])}
+        for c in clients.values():
             await c.connect()
             await c.execute("1+1")
+        await wait_ready(url)  # the pool has refilled behind the two sessions
 
-            async def once(c: Client = c) -> None:
-                run = await c.execute("1+1")
+        async def cellgate(c: Client, code: str) -> None:
+            run = await c.execute(code, timeout=120)
+            if code == FLOOD:
+                assert run.stdout.count("\n") == 20000
+            else:
                 assert run.result == {"text/plain": "2"}
-                c.events.clear()  # keep the client's memory flat over many rounds
+            c.events.clear()  # keep the client's memory flat over many rounds
 
-            results[name] = await timed(n, once)
-            if name == "websocket":
-
-                async def flood(c: Client = c) -> None:
-                    run = await c.execute(FLOOD, timeout=120)
-                    assert run.stdout.count("\n") == 20000
-                    c.events.clear()
-
-                results["flood"] = await timed(3 if args.quick else 5, flood, warmup=1)
+        # Interleaved, round by round, so that every path sees the same machine: on a
+        # small shared host, minutes apart can differ by more than the paths do.
+        paths: dict[str, Callable[[str], Awaitable[Any]]] = {
+            "direct": direct.run,
+            "websocket": lambda code: cellgate(clients["websocket"], code),
+            "polling": lambda code: cellgate(clients["polling"], code),
+        }
+        for path in paths.values():
+            for _ in range(10):
+                await path("1+1")
+        rt: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(n):
+            for name, path in paths.items():
+                rt[name].append(await timed_once(path, "1+1"))
+        flood: dict[str, list[float]] = {"direct": [], "websocket": []}
+        for name in flood:
+            await paths[name](FLOOD)  # warm-up
+        for _ in range(floods):
+            for name in flood:
+                flood[name].append(await timed_once(paths[name], FLOOD))
+        for c in clients.values():
             await c.shutdown()
             await c.drop()
 
@@ -183,17 +204,17 @@ async def main() -> None:
         proc.wait(10)
         await direct.stop()
 
-    d_med = summary(d_rt)[0]
-    rows.append(("warm 1+1, jupyter_client direct", d_rt, "reference"))
-    rows.append(("warm 1+1, Cellgate websocket", results["websocket"], "target <= 1.30 x direct"))
-    rows.append(("warm 1+1, Cellgate polling", results["polling"], ""))
+    d_med = summary(rt["direct"])[0]
+    rows.append(("warm 1+1, jupyter_client direct", rt["direct"], "reference"))
+    rows.append(("warm 1+1, Cellgate websocket", rt["websocket"], "target <= 1.30 x direct"))
+    rows.append(("warm 1+1, Cellgate polling", rt["polling"], ""))
     rows.append(("new session -> first 1+1 result", new_times, "target <= 30 ms"))
     print(f"\n{'what':40} {'median ms':>10} {'p90 ms':>9} {'x direct':>9}  note")
     for what, samples, note in rows:
         med, p90 = summary(samples)
         ratio = f"{med / d_med:.2f}" if "1+1," in what else ""
         print(f"{what:40} {med:10.2f} {p90:9.2f} {ratio:>9}  {note}")
-    fd, fc = summary(flood_direct)[0], summary(results["flood"])[0]
+    fd, fc = summary(flood["direct"])[0], summary(flood["websocket"])[0]
     print(
         f"\noutput flood, 20,000 lines: direct {fd:.0f} ms, Cellgate {fc:.0f} ms "
         f"-> Cellgate at {100 * fd / fc:.0f} % of direct (target >= 90 %)"
