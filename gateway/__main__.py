@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import parse
+from kernels.provisioner import ForkServerError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,16 +19,19 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # aiohttp's access log would print query strings, and polling URLs carry sids.
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        access_log=None,
-        # A client that gives up on a long-poll frees its handler at once.
-        handler_cancellation=True,
-        print=lambda msg: logging.getLogger("gateway").info("%s", msg.strip()),
-    )
+    try:
+        # aiohttp's access log would print query strings, and polling URLs carry sids.
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            access_log=None,
+            # A client that gives up on a long-poll frees its handler at once.
+            handler_cancellation=True,
+            print=lambda msg: logging.getLogger("gateway").info("%s", msg.strip()),
+        )
+    except ForkServerError as exc:  # isolation that was required does not hold, and such
+        raise SystemExit(f"cellgate: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from gateway.sessions import SessionManager
 from gateway.sockets import create_server
 from gateway.stores import create_store
 from kernels.isolation import Limits
-from kernels.kernel import KernelSpec, default_root
+from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 from kernels.provisioner import ForkServer
+from kernels.workdir import default_root
 
 log = logging.getLogger(__name__)
 

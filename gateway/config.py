@@ -53,7 +53,7 @@ class Config:
     replay_limit: int = _setting(10000, "events kept per session for replay")
     replay_bytes: int = _setting(32 * MiB, "bytes of events kept per session for replay")
     store_dir: str = _setting("cellgate-data", "directory of the local blob store")
-    workdir_root: str = _setting("", "where kernel working directories are made (default: system temp)")
+    workdir_root: str = _setting("", "where kernel working directories are made (default: a fresh one per node)")
     fork_server: bool = _setting(True, "start Python kernels by forking a pre-imported process (Linux)")
     isolation: str = _setting("auto", "kernel isolation: auto (what the host allows), required (all or refuse), off")
     network_isolation: bool = _setting(True, "give each kernel an empty network namespace (no TCP, no UDP)")
@@ -170,6 +170,8 @@ def validate(config: Config) -> None:
         problems.append("--client-buffer must be at least --replay-bytes plus twice --kernel-message-limit")
     if config.isolation not in ("auto", "required", "off"):
         problems.append("--isolation must be auto, required or off")
+    if config.isolation == "required" and not config.fork_server:
+        problems.append("--isolation required needs the fork server: kernels started without it have no fence")
     try:
         low, high = config.uid_range
         if not 0 < low <= high:

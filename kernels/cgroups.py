@@ -118,6 +118,27 @@ class Cgroups:
     def controllers(self) -> tuple[str, ...]:
         return tuple(p.controller for p in self.places)
 
+    def verify(self, limits: Limits) -> tuple[tuple[str, ...], list[str]]:
+        """The fences that hold, found by making a cgroup with `limits` and reading every
+        limit back (a write a host accepts is not always one it applies): names among
+        memory, swap, pids and cpu, and a note for each that does not hold."""
+        held: list[str] = []
+        notes: list[str] = []
+        try:
+            group = self.create(f"probe-{os.getpid()}", limits)
+        except OSError as exc:
+            return (), [f"kernel cgroups cannot be made: {exc}"]
+        try:
+            for place, path in group.paths:
+                for name, ok in _read_back(place, path, limits).items():
+                    if ok:
+                        held.append(name)
+                    else:
+                        notes.append(f"the {name} limit does not hold in cgroups")
+        finally:
+            group.remove()
+        return tuple(held), notes
+
     def create(self, name: str, limits: Limits) -> KernelCgroup:
         group = KernelCgroup([(p, os.path.join(p.base, name)) for p in self.places])
         for place, path in group.paths:
@@ -147,6 +168,42 @@ def _limit(place: Place, path: str, limits: Limits) -> None:
         else:
             _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
             _write(os.path.join(path, "cpu.cfs_quota_us"), str(quota))
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _host_has_swap() -> bool:
+    with open("/proc/swaps") as f:
+        return len(f.read().splitlines()) > 1  # a header, then one line per swap area
+
+
+def _read_back(place: Place, path: str, limits: Limits) -> dict[str, bool]:
+    c, page = place.controller, os.sysconf("SC_PAGE_SIZE")
+    if c == "memory":
+        if not limits.memory:
+            return {"memory": False, "swap": False}
+        want = limits.memory // page * page
+        if place.v2:
+            memory = _read(os.path.join(path, "memory.max")) == str(want)
+            swap = _read(os.path.join(path, "memory.swap.max")) == "0"
+        else:
+            memory = _read(os.path.join(path, "memory.limit_in_bytes")) == str(want)
+            swap = _read(os.path.join(path, "memory.memsw.limit_in_bytes")) == str(want)
+        return {"memory": memory, "swap": memory and (swap or not _host_has_swap())}
+    if c == "pids":
+        return {"pids": bool(limits.pids) and _read(os.path.join(path, "pids.max")) == str(limits.pids)}
+    quota = str(int(limits.cpus * 100_000))
+    if place.v2:
+        cpu = _read(os.path.join(path, "cpu.max")).split()[:1] == [quota]
+    else:
+        cpu = _read(os.path.join(path, "cpu.cfs_quota_us")) == quota
+    return {"cpu": bool(limits.cpus) and cpu}
 
 
 @dataclass

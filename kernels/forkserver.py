@@ -176,12 +176,15 @@ class Server:
         self.settings = settings
         root = os.geteuid() == 0
         self.cgroups = Cgroups() if settings.isolation and root else None
-        controllers = self.cgroups.controllers if self.cgroups else ()
-        self.isolation, self.notes, self.seccomp = isolation.probe(
-            settings.isolation, settings.network, settings.uids, controllers
-        )
+        held: tuple[str, ...] = ()
+        cgroup_notes: list[str] = []
         if self.cgroups:
-            self.notes += self.cgroups.notes
+            held, cgroup_notes = self.cgroups.verify(settings.limits)
+            cgroup_notes = self.cgroups.notes + cgroup_notes
+        self.isolation, self.notes, self.seccomp = isolation.probe(
+            settings.isolation, settings.network, settings.uids, held
+        )
+        self.notes += cgroup_notes
         uids = self.isolation.uids
         self.free_uids: deque[int] = deque(range(uids[0], uids[1] + 1) if uids else ())
         self.children: dict[int, Child] = {}  # reaper pid -> what to reclaim when it exits

@@ -72,6 +72,24 @@ class Limits:
     tmp_size: int = 64 << 20  # each private tmpfs (/tmp, /var/tmp, /dev/shm)
 
 
+# Every fence a kernel can have, and what kernel code can do where it is missing: the
+# start-up WARNING and /health say this, so that an operator knows what a node lets
+# untrusted code do.
+FENCES: dict[str, str] = {
+    "fork_server": "run as a plain process of the server's user, with no fence at all",
+    "uid_per_kernel": "read and change other kernels' files, and anything of the server's user it can reach",
+    "pid_namespace": "see the host's processes, signal the server's, and read their /proc entries",
+    "mount_namespace": "share /tmp, /var/tmp and /dev/shm with the host and other kernels",
+    "ipc_namespace": "use the host's System V shared memory, semaphores and message queues",
+    "network_namespace": "reach the network, the node's own ports included",
+    "cgroup_memory": "use memory up to its address-space limit per process, with no cap across its processes",
+    "cgroup_swap": "use swap past its memory limit",
+    "cgroup_pids": "start processes up to its rlimit only, which without a uid of its own is the server's count",
+    "cgroup_cpu": "use every core of the node",
+    "seccomp": "call mount, unshare, ptrace, bpf, io_uring, keyrings and the other interfaces the filter refuses",
+}
+
+
 @dataclass(frozen=True)
 class Isolation:
     """What the fork server applies to each kernel: asked for, then cut to what the host allows."""
@@ -81,8 +99,28 @@ class Isolation:
     mount_namespace: bool = False  # private /proc, /tmp, /var/tmp, /dev/shm
     network_namespace: bool = False
     ipc_namespace: bool = False
-    cgroups: tuple[str, ...] = ()  # controllers in use: memory, pids, cpu
+    cgroups: tuple[str, ...] = ()  # controllers in force, their limits read back: memory, swap, pids, cpu
     seccomp: bool = False
+    network_wanted: bool = True  # --network-isolation: without it no network namespace is asked for
+
+    @property
+    def fences(self) -> dict[str, bool]:
+        """Each fence that was asked for, and whether it holds."""
+        held = {
+            "fork_server": True,
+            "uid_per_kernel": self.uids is not None,
+            "pid_namespace": self.pid_namespace,
+            "mount_namespace": self.mount_namespace,
+            "ipc_namespace": self.ipc_namespace,
+            "cgroup_memory": "memory" in self.cgroups,
+            "cgroup_swap": "swap" in self.cgroups,
+            "cgroup_pids": "pids" in self.cgroups,
+            "cgroup_cpu": "cpu" in self.cgroups,
+            "seccomp": self.seccomp,
+        }
+        if self.network_wanted:
+            held["network_namespace"] = self.network_namespace
+        return held
 
     @property
     def enabled(self) -> bool:
@@ -90,10 +128,33 @@ class Isolation:
 
     def report(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["network_wanted"]
         out["enabled"] = self.enabled
         out["uids"] = f"{self.uids[0]}-{self.uids[1]}" if self.uids else None
         out["cgroups"] = list(self.cgroups)
+        out["fences"] = self.fences
+        out["missing"] = [name for name, held in self.fences.items() if not held]
+        out["level"] = level(out["missing"], self.enabled)
         return out
+
+
+def level(missing: list[str], enabled: bool) -> str:
+    """`full` when every fence asked for holds, `none` when none does, else `partial`."""
+    if not enabled or "fork_server" in missing:
+        return "none"
+    return "partial" if missing else "full"
+
+
+def warning(report: dict[str, Any]) -> str | None:
+    """The one start-up WARNING for a node that is not fully isolated: what its kernels can do."""
+    if report["level"] == "full":
+        return None
+    can = "; ".join(FENCES[name] for name in report["missing"] if name in FENCES)
+    why = "; ".join(report.get("notes", []))
+    return (
+        f"kernel isolation is {report['level']}: missing {', '.join(report['missing'])} ({why}). "
+        f"Kernel code can {can}. Do not serve untrusted users from this node."
+    )
 
 
 def set_limits(limits: Limits, with_uid_pool: bool) -> None:
@@ -170,15 +231,23 @@ SECCOMP_DENIED = (
     "fsopen",
     "fsmount",
     "open_tree",
+    "fspick",
+    "fsconfig",
+    "mount_setattr",
+    "kexec_file_load",
+    "pidfd_getfd",
+    "process_madvise",
 )
+PERSONA_QUERY = 0xFFFFFFFF  # personality(0xffffffff) reads the persona and changes nothing
 
 
 def compile_seccomp(unix_sockets_only: bool) -> bytes:
     """The filter as a BPF program, built once in the fork server: compiling costs about
     10 ms, loading the result in each kernel almost nothing.
 
-    What it refuses (EPERM), a kernel never needs: namespaces in any form, ptrace,
-    bpf, keyrings, io_uring, userfaultfd, perf events, mounts, kernel modules."""
+    What it refuses (EPERM), a kernel never needs: namespaces in any form, ptrace and
+    other processes' memory or descriptors, bpf, keyrings, io_uring, userfaultfd, perf
+    events, mounts in every API, kexec, kernel modules, and personas other than Linux's."""
     import tempfile
 
     import pyseccomp as sc
@@ -192,6 +261,13 @@ def compile_seccomp(unix_sockets_only: bool) -> bytes:
     for flag in (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP):
         f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # personality: only the default persona (0) and the query. A rule compares an
+    # argument once, so "neither 0 nor all ones" is said as "two adjacent bits differ"
+    # (or a bit above 32 is set): one rule per pair of bits.
+    f.add_rule(eperm, "personality", sc.Arg(0, sc.GT, PERSONA_QUERY))
+    for bit in range(31):
+        for differ in (1 << bit, 2 << bit):
+            f.add_rule(eperm, "personality", sc.Arg(0, sc.MASKED_EQ, 3 << bit, differ))
     if unix_sockets_only:
         # EOPNOTSUPP, not EPERM: libzmq treats EPERM from getifaddrs as a bug and aborts,
         # and takes EOPNOTSUPP as "no such interface".
@@ -237,7 +313,7 @@ def probe(
     """What of the wanted isolation this host gives, a note for each part it does not,
     and the seccomp program when seccomp is in."""
     if not wanted:
-        return Isolation(), ["isolation is switched off (--isolation off)"], b""
+        return Isolation(network_wanted=network), ["isolation is switched off (--isolation off)"], b""
     notes: list[str] = []
     root = os.geteuid() == 0
     if not root:
@@ -265,5 +341,6 @@ def probe(
         ipc_namespace=ns,
         cgroups=controllers,
         seccomp=seccomp,
+        network_wanted=network,
     )
     return iso, notes, program if seccomp else b""

@@ -36,6 +36,7 @@ from kernels import wire, workdir
 from kernels.environment import kernel_environment
 from kernels.provisioner import Exit, ForkProvisioner, ForkServer
 from kernels.ratelog import RateLimitedLog
+from kernels.workdir import default_root
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,6 @@ class KernelSpec:
     start_timeout: float = 60.0
     fork_server: ForkServer | None = None  # None: a plain jupyter_client process per kernel
     message_limit: int = 16 * MiB  # the largest message a kernel may send, all frames
-
-
-def default_root() -> str:
-    return os.path.join(tempfile.gettempdir(), "cellgate-kernels")
 
 
 class _Manager(AsyncKernelManager):
@@ -137,8 +134,8 @@ class Kernel:
         # but not list or change it); work/ and state/ become the kernel's.
         home = tempfile.mkdtemp(prefix="k-", dir=root)
         os.chmod(home, 0o711)
-        workdir, statedir = os.path.join(home, "work"), os.path.join(home, "state")
-        os.mkdir(workdir, 0o700)
+        work, statedir = os.path.join(home, "work"), os.path.join(home, "state")
+        os.mkdir(work, 0o700)
         os.mkdir(statedir, 0o700)
         # IPC sockets live in the kernel's own directory: no ports to race for on a
         # busy node, nothing reachable over the network.
@@ -152,12 +149,12 @@ class Kernel:
             connection_file=os.path.join(home, "connection.json"),
             **options,
         )
-        env = kernel_environment(workdir, statedir, shared_cache)
+        env = kernel_environment(work, statedir, shared_cache)
         # jupyter_client's start_kernel pauses after the launch; with a fork server we
         # connect as soon as the kernel exists and let that pause run alongside.
         launched = spec.fork_server.launched(home) if spec.fork_server is not None else None
         starting = asyncio.ensure_future(
-            manager.start_kernel(cwd=workdir, env=env, extra_arguments=["--HistoryManager.enabled=False"])
+            manager.start_kernel(cwd=work, env=env, extra_arguments=["--HistoryManager.enabled=False"])
         )
         try:
             if launched is not None:

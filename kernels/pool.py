@@ -15,8 +15,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from kernels import isolation
 from kernels.kernel import Kernel, KernelSpec, KernelStartError
-from kernels.provisioner import ForkServer
+from kernels.provisioner import ForkServer, ForkServerError
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,24 @@ class KernelPool:
         servers = {id(s.fork_server): s.fork_server for s in self.specs.values() if s.fork_server is not None}
         return list(servers.values())
 
+    def bare(self) -> list[str]:
+        """The kernels this pool starts as plain processes, outside every fence."""
+        return [
+            name for name, spec in self.specs.items() if spec.fork_server is None or not spec.fork_server.can_fork(name)
+        ]
+
     def isolation(self) -> dict[str, Any]:
-        """What fences the kernels in, for /health."""
+        """What fences the kernels in, for /health: the weakest of any kernel's."""
         servers = self.fork_servers
-        if not servers:
-            return {"enabled": False, "notes": ["kernels are plain processes of the server's user (no fork server)"]}
-        return servers[0].report
+        report = dict(servers[0].report) if servers else isolation.Isolation().report()
+        bare = self.bare()
+        if bare:
+            report["missing"] = ["fork_server", *[m for m in report.get("missing", []) if m != "fork_server"]]
+            report["fences"] = {**report.get("fences", {}), "fork_server": False}
+            report["level"] = "none"
+            why = "no fork server" if not servers else "not this interpreter's ipykernel, so not forkable"
+            report["notes"] = [*report.get("notes", []), f"kernels {', '.join(bare)} run as plain processes ({why})"]
+        return report
 
     @property
     def healthy(self) -> bool:
@@ -88,6 +101,12 @@ class KernelPool:
         enforced) before the first kernel is asked for."""
         for server in self.fork_servers:
             await server.start()
+        required = any(server.required for server in self.fork_servers)
+        if required and self.bare():
+            raise ForkServerError(f"--isolation required: kernels {', '.join(self.bare())} cannot be isolated")
+        warning = isolation.warning(self.isolation())
+        if warning:
+            log.warning(warning)
 
     def start(self) -> None:
         for name in self.specs:

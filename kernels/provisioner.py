@@ -28,6 +28,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.provisioning import KernelProvisionerFactory, LocalProvisioner
 from traitlets import Unicode
 
+from kernels import workdir
 from kernels.environment import server_environment
 from kernels.forkserver import MAX_REQUEST, Settings
 from kernels.isolation import Limits
@@ -76,7 +77,12 @@ class ForkServer:
         self._reader: asyncio.Task[None] | None = None
         self._exits: dict[int, asyncio.Future[Exit]] = {}
         self._launches: dict[str, asyncio.Future[None]] = {}
-        self.report: dict[str, Any] = {"enabled": False, "note": "the fork server has not started yet"}
+        self.report: dict[str, Any] = {
+            "enabled": False,
+            "level": "none",
+            "missing": ["fork_server"],
+            "notes": ["the fork server has not started yet"],
+        }
         self.specs = ForkSpecs(fork_socket=self.socket_path)  # what its kernels' managers look specs up in
         register()
         _SERVERS[self.socket_path] = self
@@ -86,7 +92,12 @@ class ForkServer:
             if self._process is not None and self._process.returncode is None:
                 return
             os.makedirs(self.root, mode=0o711, exist_ok=True)
-            os.chmod(self.root, 0o711)  # kernels under their own uids must reach their homes
+            try:
+                os.chmod(self.root, 0o711)  # kernels under their own uids must reach their homes
+            except PermissionError:
+                raise ForkServerError(
+                    f"the kernel root {self.root} belongs to another user: choose another --workdir-root"
+                ) from None
             settings = Settings(
                 root=self.root,
                 socket=self.socket_path,
@@ -114,13 +125,14 @@ class ForkServer:
                 self._process.kill()
                 raise ForkServerError(f"the fork server did not start: {exc!r}") from None
             self.report = {**ready["isolation"], "notes": ready["notes"]}
-            for note in ready["notes"]:
-                log.warning("kernel isolation: %s", note)
-            if self.required and ready["notes"]:
+            if self.required and self.report["level"] != "full":
                 self._process.stdin.close()  # type: ignore[union-attr]
                 await self._process.wait()
                 self._process = None
-                raise ForkServerError("isolation is required but incomplete: " + "; ".join(ready["notes"]))
+                raise ForkServerError(
+                    f"--isolation required, but {', '.join(self.report['missing'])} do not hold: "
+                    + "; ".join(ready["notes"])
+                )
             self._reader = asyncio.create_task(self._read_exits(self._process.stdout))
 
     async def _read_exits(self, stdout: asyncio.StreamReader) -> None:
@@ -146,6 +158,12 @@ class ForkServer:
         finally:
             if self._exit_future(pid).done():
                 self._exits.pop(pid, None)
+
+    def can_fork(self, kernel_name: str) -> bool:
+        try:
+            return forkable(self.specs.get_kernel_spec(kernel_name))
+        except Exception:  # no such spec: the pool's start reports it
+            return False
 
     def launched(self, home: str) -> asyncio.Future[None]:
         """Done once the kernel for `home` exists (its sockets may not be bound yet)."""
@@ -193,6 +211,8 @@ class ForkServer:
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
             os.rmdir(self._dir)
+        if self.root == workdir.default_root():  # made for this process: nothing else uses it
+            await workdir.run(workdir.remove_tree, self.root, timeout=None)
 
 
 _SERVERS: dict[str, ForkServer] = {}

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +32,16 @@ WORKERS = 4
 
 T = TypeVar("T")
 _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kernel-files")
+
+
+@functools.cache
+def default_root() -> str:
+    """This process's own kernel root, made fresh: a fixed shared path would be left
+    behind by one run and refused to, or trusted by, the next run under another user.
+    0711: kernels under their own uids pass through to their homes, nobody lists it."""
+    root = tempfile.mkdtemp(prefix="cellgate-kernels-")
+    os.chmod(root, 0o711)
+    return root
 
 
 class UnsafeFile(Exception):

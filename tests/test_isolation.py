@@ -1,0 +1,269 @@
+"""What a node says about its kernels' fences, and what `--isolation required` refuses.
+
+Run as root (as CI runs), the node in this process has every fence; a second node is
+started as an unprivileged user, as an operator without root would run it, and must
+say what it lacks. Run without root, both are unprivileged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from gateway.app import create_fork_server
+from gateway.config import Config, validate
+from kernels.isolation import FENCES
+from kernels.kernel import KernelSpec
+from kernels.pool import KernelPool
+from kernels.provisioner import ForkServerError
+from tests.conftest import ClientFactory, Gateway
+
+ROOT = os.geteuid() == 0
+UNPRIVILEGED = "nobody"
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def transport() -> list[str]:
+    return ["websocket"]
+
+
+@pytest.fixture(scope="session")
+def unprivileged_python() -> Iterator[str]:
+    """A Python that an unprivileged user can run with our packages: a venv made from
+    the system interpreter whose site points at this venv's packages (this venv's own
+    interpreter may live under a home others cannot enter)."""
+    if not ROOT:
+        yield sys.executable
+        return
+    venv = Path(tempfile.mkdtemp(prefix="cellgate-unprivileged-python-"))  # pytest's own tmp is 0700
+    os.chmod(venv, 0o755)
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
+    site.joinpath("cellgate-packages.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n"
+    )
+    python = str(venv / "bin" / "python")
+    check = as_unprivileged([python, "-c", "import gateway, kernels, ipykernel"], cwd="/")
+    assert check.returncode == 0, f"{UNPRIVILEGED} cannot import the project: {check.stderr}"
+    yield python
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def as_unprivileged(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(unprivileged(argv), capture_output=True, text=True, timeout=120, **kwargs)  # type: ignore[call-overload]
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    if not ROOT:
+        return argv
+    user = pwd.getpwnam(UNPRIVILEGED)
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv]
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory the node owns, for its HOME, TMPDIR and store, that kernels under
+    their own uids can pass through (pytest's own tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="cellgate-node-"))
+    os.chmod(path, 0o755)
+    if ROOT:
+        user = pwd.getpwnam(UNPRIVILEGED)
+        os.chown(path, user.pw_uid, user.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def node_env(scratch: Path, port: int) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(scratch),
+        "TMPDIR": str(scratch),
+        "CELLGATE_PORT": str(port),
+        "CELLGATE_STORE_DIR": str(scratch / "store"),
+        "CELLGATE_POOL_SIZE": "1",
+        "CELLGATE_SECRET_FOR_TEST": "s3cr3t-value-7f1e",
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest_asyncio.fixture
+async def unprivileged_node(unprivileged_python: str, scratch: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A node started as an unprivileged user, on `--isolation auto`."""
+    port = free_port()
+    log = scratch / "node.log"
+    with open(log, "w") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *unprivileged([unprivileged_python, "-m", "gateway"]),
+            env=node_env(scratch, port),
+            cwd=PROJECT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(url + "/health") as r:
+                        if (await r.json())["kernels"]["warm"]:
+                            break
+                assert proc.returncode is None, log.read_text()
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the unprivileged node never had a warm kernel:\n" + log.read_text())
+        yield url, log
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+async def test_the_node_reports_its_level_and_every_fence(gw: Gateway) -> None:
+    isolation = (await gw.health())["isolation"]
+    assert set(isolation["fences"]) == set(FENCES)
+    assert isolation["missing"] == [name for name, held in isolation["fences"].items() if not held]
+    if ROOT:
+        assert isolation["level"] == "full" and isolation["missing"] == []
+    else:
+        assert isolation["level"] == "partial" and "uid_per_kernel" in isolation["missing"]
+
+
+async def test_an_unprivileged_node_says_what_it_lacks_and_kernels_still_run(
+    unprivileged_node: tuple[str, Path],
+) -> None:
+    url, log = unprivileged_node
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/health") as r:
+            health = await r.json()
+        async with http.post(url + "/service", json={"code": "import os\nprint(os.getuid())"}) as r:
+            body = await r.json()
+    isolation = health["isolation"]
+    assert isolation["level"] == "partial", isolation
+    for fence in ("uid_per_kernel", "pid_namespace", "cgroup_memory"):
+        assert fence in isolation["missing"]
+    assert isolation["fences"]["seccomp"]  # what holds without root still holds
+    assert body["stdout"] == f"{pwd.getpwnam(UNPRIVILEGED).pw_uid if ROOT else os.getuid()}\n", body
+    warnings = [line for line in log.read_text().splitlines() if " WARNING " in line and "isolation" in line]
+    assert len(warnings) == 1, warnings  # one line that says it all
+    assert "kernel isolation is partial" in warnings[0] and FENCES["pid_namespace"] in warnings[0]
+
+
+def test_required_refuses_to_start_an_unprivileged_node(unprivileged_python: str, scratch: Path) -> None:
+    done = as_unprivileged(
+        [unprivileged_python, "-m", "gateway", "--isolation", "required"],
+        env=node_env(scratch, free_port()),
+        cwd=PROJECT,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cellgate: --isolation required, but uid_per_kernel"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_required_refuses_kernels_without_the_fork_server() -> None:
+    with pytest.raises(SystemExit) as exc:
+        validate(Config(isolation="required", fork_server=False))
+    assert "--isolation required needs the fork server" in str(exc.value)
+
+
+async def test_a_kernel_that_cannot_be_isolated_is_refused_or_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A kernel spec for another interpreter: the fork server cannot run it.
+    spec_dir = tmp_path / "jupyter" / "kernels" / "other"
+    spec_dir.mkdir(parents=True)
+    spec_dir.joinpath("kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Other Python",
+                "language": "python",
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    for mode in ("auto", "required"):
+        fork_server = create_fork_server(Config(workdir_root=str(tmp_path / mode), isolation=mode))
+        pool = KernelPool({"other": KernelSpec(name="other", workdir_root=str(tmp_path), fork_server=fork_server)}, 0)
+        caplog.clear()
+        try:
+            if mode == "required":
+                with pytest.raises(ForkServerError) as exc:
+                    await pool.open()
+                if ROOT:  # without root the missing fences are refused first
+                    assert "kernels other cannot be isolated" in str(exc.value)
+            else:
+                with caplog.at_level(logging.WARNING, logger="kernels.pool"):
+                    await pool.open()
+                report = pool.isolation()
+                assert report["level"] == "none" and report["missing"][0] == "fork_server"
+                assert any("other run as plain processes" in n for n in report["notes"])
+                assert any("kernel isolation is none" in r.getMessage() for r in caplog.records)
+        finally:
+            await pool.close()
+
+
+async def test_each_node_has_a_fresh_kernel_root_and_removes_it(scratch: Path) -> None:
+    # No --workdir-root: the node makes its own and removes it when it stops.
+    port = free_port()
+    env = {**node_env(scratch, port), "CELLGATE_POOL_SIZE": "0"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", env=env, cwd=PROJECT, stderr=subprocess.DEVNULL
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.post(
+                        f"http://127.0.0.1:{port}/service",
+                        json={"code": "import os\nprint(os.path.dirname(os.path.dirname(os.getcwd())))"},
+                    ) as r:
+                        root = (await r.json())["stdout"].strip()
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the node never answered")
+        assert os.path.basename(root).startswith("cellgate-kernels-") and root.startswith(str(scratch))
+        assert os.stat(root).st_mode & 0o777 == 0o711
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+    assert not os.path.exists(root)
+
+
+async def test_seccomp_refuses_the_newer_mount_calls_and_other_personas(connect: ClientFactory) -> None:
+    c = await connect()
+    # x86_64 numbers: fsconfig, fspick, mount_setattr, kexec_file_load, pidfd_getfd, process_madvise.
+    run = await c.execute(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "def call(nr, *args):\n"
+        "    r = libc.syscall(nr, *args)\n"
+        "    return 'ok' if r != -1 else os.strerror(ctypes.get_errno())\n"
+        "print({nr: call(nr, 0, 0, 0, 0, 0) for nr in (431, 433, 442, 320, 438, 440)})\n"
+        "print([call(135, ctypes.c_ulong(p)) for p in (0, 0xFFFFFFFF, 0x0040000, 0x0400000, 8)])\n"
+    )
+    calls, personas = run.stdout.splitlines()
+    assert set(eval(calls).values()) == {"Operation not permitted"}, calls
+    assert eval(personas) == ["ok", "ok"] + ["Operation not permitted"] * 3
