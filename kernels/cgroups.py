@@ -210,10 +210,17 @@ def _read_back(place: Place, path: str, limits: Limits) -> dict[str, bool]:
 class KernelCgroup:
     paths: list[tuple[Place, str]]
 
-    def join(self, pid: int, only: tuple[str, ...] = CONTROLLERS) -> None:
-        for place, path in self.paths:
-            if place.controller in only:
-                _write(os.path.join(path, "cgroup.procs"), str(pid))
+    def open_procs(self) -> list[int]:
+        """The groups' `cgroup.procs`, opened now for a join later: a kernel that pivots
+        into its own filesystem view takes its reaper's view of /sys with it."""
+        return [os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY) for _, path in self.paths]
+
+    @staticmethod
+    def join_by(fd: int, pid: int) -> None:
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
 
     def pids(self) -> set[int]:
         found: set[int] = set()

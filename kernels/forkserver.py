@@ -192,6 +192,12 @@ class Server:
         self._spare_due = 0.0  # when to fork the next one, if there is none
         self.count = 0
         self._configs: dict[tuple[str, ...], Any] = {}
+        # What a kernel's filesystem view holds besides the system: the Python
+        # installation (not our project directory, and so not the data directory) and
+        # the shared font cache, all read-only.
+        python = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+        python |= {os.path.realpath(p) for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")}
+        self.view_paths = [*sorted(python), os.path.join(settings.root, "shared-cache")]
 
     def kernel_config(self, argv: list[str]) -> Any:
         """ipykernel's command line, parsed here once: argparse over every configurable
@@ -390,13 +396,10 @@ def _stage_a(server: Server, orders: socket.socket, handoff: int) -> NoReturn:
         signal.set_wakeup_fd(-1)
         os.setsid()
         iso = server.isolation
-        flags = 0
-        if iso.pid_namespace:
-            flags |= isolation.CLONE_NEWPID | isolation.CLONE_NEWNS | isolation.CLONE_NEWIPC | isolation.CLONE_NEWUTS
-        if iso.network_namespace:
-            flags |= isolation.CLONE_NEWNET
-        if flags:
-            isolation.unshare(flags)
+        if iso.user_namespace:
+            isolation.enter_user_namespace(iso.namespace_flags)
+        elif iso.namespace_flags:
+            isolation.unshare(iso.namespace_flags)
         pid = os.fork()
         if pid == 0:
             os.close(handoff)
@@ -460,13 +463,14 @@ def _stage_b(server: Server, orders: socket.socket) -> NoReturn:
             # The gateway made these a moment ago; nothing but us has touched them yet.
             for sub in ("work", "state"):
                 os.chown(os.path.join(request["home"], sub), child.uid, child.uid, follow_symlinks=False)
+        procs = child.cgroup.open_procs() if child.cgroup else []  # before the kernel's pivot
         with os.fdopen(task_w, "wb") as task:
             task.write(pickle.dumps((request, child.uid)))
-        if child.cgroup:
-            # Joining cgroups costs 10-20 ms (the host synchronises RCU): the reaper
-            # does it while the kernel initialises, and the kernel waits for it before
-            # it serves anyone, so nothing it runs is ever outside them.
-            child.cgroup.join(kernel)
+        # Joining cgroups costs 10-20 ms (the host synchronises RCU): the reaper does it
+        # while the kernel initialises, and the kernel waits for it before it serves
+        # anyone, so nothing it runs is ever outside them.
+        for fd in procs:
+            KernelCgroup.join_by(fd, kernel)
         os.write(go_w, b"1")  # the kernel waits for this before it serves anyone
         os.close(go_w)
         for sig in FORWARDED:
@@ -529,6 +533,10 @@ def _stage_c(server: Server, task: int, report: int, go: int) -> NoReturn:
         fd = os.open(os.path.join(home, "connection.json"), os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd) as f:
             connection = f.read()
+        from kernels.kernelapp import ParsedKernelApp  # before the view: our own code is not in it
+
+        if iso.filesystem_view:
+            isolation.restricted_view(home, server.view_paths, settings.limits.tmp_size)
         isolation.set_limits(settings.limits, with_uid_pool=uid is not None)
         os.chdir(os.path.join(home, "work"))
         os.umask(0o077)
@@ -540,14 +548,14 @@ def _stage_c(server: Server, task: int, report: int, go: int) -> NoReturn:
             f.write(connection)
         os.environ.clear()
         os.environ.update(request["env"])
+        if iso.user_namespace:
+            isolation.drop_capabilities()  # held in its own namespaces until now
         if iso.seccomp:
             isolation.load_seccomp(server.seccomp)
         _fresh_randomness()
         sys.argv = ["ipykernel_launcher", "-f", connection_file, *request.get("argv", [])]
         config = request["config"]  # parsed by the server, unpickled here: ours to change
         config.IPKernelApp.connection_file = connection_file
-        from kernels.kernelapp import ParsedKernelApp
-
         app = ParsedKernelApp.instance(config=config)
         app.initialize([])
         if os.read(go, 1) != b"1":  # the reaper could not put us in our memory cgroup

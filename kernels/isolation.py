@@ -24,7 +24,22 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWCGROUP = 0x02000000
 
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1,
+    2,
+    4,
+    8,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
+# statvfs flags of a mount, and the mount flags a remount inside a user namespace must
+# keep (the kernel locks them on a mount made by a more privileged namespace).
+_LOCKED = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME, 4096: MS_RELATIME}
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -57,6 +72,33 @@ def prctl(option: int, value: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), "prctl")
 
 
+def enter_user_namespace(flags: int) -> None:
+    """Without root: a user namespace that maps only our own uid and gid (so the files a
+    kernel writes are still the server user's), with the other namespaces in `flags`
+    owned by it. It grants capabilities inside those namespaces only."""
+    uid, gid = os.getuid(), os.getgid()
+    unshare(CLONE_NEWUSER | flags)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Every capability, in every set: a kernel in its own user namespace holds them all
+    there until now."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-kernel limits. Sizes in bytes; 0 switches one off."""
@@ -80,6 +122,7 @@ FENCES: dict[str, str] = {
     "uid_per_kernel": "read and change other kernels' files, and anything of the server's user it can reach",
     "pid_namespace": "see the host's processes, signal the server's, and read their /proc entries",
     "mount_namespace": "share /tmp, /var/tmp and /dev/shm with the host and other kernels",
+    "filesystem_view": "read the server's files, the data directory and whatever else of the host its user may",
     "ipc_namespace": "use the host's System V shared memory, semaphores and message queues",
     "network_namespace": "reach the network, the node's own ports included",
     "cgroup_memory": "use memory up to its address-space limit per process, with no cap across its processes",
@@ -95,6 +138,8 @@ class Isolation:
     """What the fork server applies to each kernel: asked for, then cut to what the host allows."""
 
     uids: tuple[int, int] | None = None  # inclusive range; None: kernels keep the server's uid
+    user_namespace: bool = False  # without root: the namespaces below are owned by one of the kernel's own
+    filesystem_view: bool = False  # only the system, Python and its own home, after a pivot_root
     pid_namespace: bool = False
     mount_namespace: bool = False  # private /proc, /tmp, /var/tmp, /dev/shm
     network_namespace: bool = False
@@ -111,6 +156,7 @@ class Isolation:
             "uid_per_kernel": self.uids is not None,
             "pid_namespace": self.pid_namespace,
             "mount_namespace": self.mount_namespace,
+            "filesystem_view": self.filesystem_view,
             "ipc_namespace": self.ipc_namespace,
             "cgroup_memory": "memory" in self.cgroups,
             "cgroup_swap": "swap" in self.cgroups,
@@ -125,6 +171,11 @@ class Isolation:
     @property
     def enabled(self) -> bool:
         return bool(self.uids or self.pid_namespace or self.seccomp)
+
+    @property
+    def namespace_flags(self) -> int:
+        flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS if self.pid_namespace else 0
+        return flags | (CLONE_NEWNET if self.network_namespace else 0)
 
     def report(self) -> dict[str, Any]:
         out = asdict(self)
@@ -200,6 +251,59 @@ def private_mounts(keep: list[str], tmp_size: int) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def _bind(source: str, target: str, readonly: bool) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+    mount(source, target, None, MS_BIND | MS_REC)
+    if readonly:
+        locked = 0
+        flags = os.statvfs(source).f_flag
+        for st, ms in _LOCKED.items():
+            if flags & st:
+                locked |= ms
+        mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked)
+
+
+def restricted_view(home: str, readonly: list[str], tmp_size: int) -> None:
+    """Make the kernel's whole filesystem what it needs and nothing else, then pivot into
+    it: the system's programs and libraries and the Python installation read-only, its
+    own home read-write, fresh /tmp, /var/tmp and /dev/shm, a few devices and its own
+    /proc. The server's files, the data directory, other kernels' homes and their
+    connection files are not in it. Runs in the kernel's own mount and PID namespaces,
+    before it drops its privileges."""
+    new = "/tmp/.cellgate-view"  # /tmp is this kernel's private tmpfs already
+    os.makedirs(new, exist_ok=True)
+    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    # The private tmpfs first: a kernel home or a Python under /tmp is bound on top.
+    for target in ("/tmp", "/var/tmp", "/dev/shm"):
+        os.makedirs(new + target, exist_ok=True)
+        mount("tmpfs", new + target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_size},mode=1777")
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: keep the link, the target is bound below
+            os.symlink(os.readlink(top), new + top)
+        elif os.path.isdir(top):
+            _bind(top, new + top, readonly=True)
+    for path in ("/usr", "/etc", *readonly):
+        if os.path.exists(path):
+            _bind(path, new + path, readonly=True)
+    _bind(home, new + home, readonly=False)
+    for device in ("null", "zero", "full", "random", "urandom", "tty"):
+        if os.path.exists(f"/dev/{device}"):
+            _bind(f"/dev/{device}", f"{new}/dev/{device}", readonly=False)
+    os.makedirs(new + "/proc", exist_ok=True)
+    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.chdir(new)
+    # pivot_root(".", "."): the old root ends up stacked under the new one, and is
+    # detached at once; nothing of it stays reachable.
+    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
 
 
 SECCOMP_DENIED = (
@@ -307,6 +411,27 @@ def _try_in_child(action: Any) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
+def _namespaces_work(flags: int, userns: bool) -> None:
+    """Make the namespaces a kernel gets and mount what its PID 1 mounts (a host may
+    allow the one and refuse the other)."""
+    if userns:
+        enter_user_namespace(flags)
+    else:
+        unshare(flags)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            mount("none", "/", None, MS_REC | MS_PRIVATE)
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m")
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError("the namespaces could not be set up")
+
+
 def probe(
     wanted: bool, network: bool, uids: tuple[int, int] | None, controllers: tuple[str, ...]
 ) -> tuple[Isolation, list[str], bytes]:
@@ -316,13 +441,19 @@ def probe(
         return Isolation(network_wanted=network), ["isolation is switched off (--isolation off)"], b""
     notes: list[str] = []
     root = os.geteuid() == 0
-    if not root:
-        notes.append("not running as root: no uid pool, no namespaces")
-    ns = root and _try_in_child(lambda: unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC))
-    if root and not ns:
-        notes.append("the host refuses PID, mount and IPC namespaces")
-    net = bool(network and root and _try_in_child(lambda: unshare(CLONE_NEWNET)))
-    if network and root and not net:
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    if root:
+        userns = False
+        ns = _try_in_child(lambda: _namespaces_work(flags, False))
+        if not ns:
+            notes.append("the host refuses PID, mount and IPC namespaces")
+    else:
+        notes.append("not running as root: no uid per kernel, no cgroups (memory and processes rest on rlimits)")
+        userns = ns = _try_in_child(lambda: _namespaces_work(flags, True))
+        if not ns:
+            notes.append("the host refuses unprivileged user namespaces: no namespaces and no private filesystem")
+    net = bool(network and ns and _try_in_child(lambda: _namespaces_work(flags | CLONE_NEWNET, userns)))
+    if network and ns and not net:
         notes.append("the host refuses network namespaces")
     program = b""
     try:
@@ -335,6 +466,8 @@ def probe(
         notes.append("no seccomp: the filter did not load")
     iso = Isolation(
         uids=uids if root else None,
+        user_namespace=userns,
+        filesystem_view=ns,
         pid_namespace=ns,
         mount_namespace=ns,
         network_namespace=net,

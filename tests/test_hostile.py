@@ -195,3 +195,13 @@ async def test_symlink_to_a_server_only_file(connect: ClientFactory, kernel_root
     assert run.stdout in ("PermissionError\n", "FileNotFoundError\n")  # not its uid's, or not in its /tmp
     files = await c.wait_files(run)
     assert [f["name"] for f in files] == ["real.txt"]  # the link is neither followed nor served
+
+
+async def test_the_servers_files_are_not_in_a_kernels_view(connect: ClientFactory, gw: Gateway) -> None:
+    c = await connect()
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = await c.execute(
+        f"import os\nprint(os.path.exists({gw.config.store_dir!r}), os.path.exists({project + '/gateway'!r}))\n"
+        "print(os.path.exists('/etc/hostname'), os.path.exists('/usr/bin'))"
+    )
+    assert run.stdout == "False False\nTrue True\n"  # the system, yes; the server's data and code, no

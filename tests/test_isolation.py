@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.app import create_fork_server
+from gateway.client import Client
 from gateway.config import Config, validate
 from kernels.isolation import FENCES
 from kernels.kernel import KernelSpec
@@ -110,7 +111,7 @@ def free_port() -> int:
 
 
 @pytest_asyncio.fixture
-async def unprivileged_node(unprivileged_python: str, scratch: Path) -> AsyncIterator[tuple[str, Path]]:
+async def unprivileged_node(unprivileged_python: str, scratch: Path) -> AsyncIterator[tuple[str, Path, int]]:
     """A node started as an unprivileged user, on `--isolation auto`."""
     port = free_port()
     log = scratch / "node.log"
@@ -134,7 +135,7 @@ async def unprivileged_node(unprivileged_python: str, scratch: Path) -> AsyncIte
                 await asyncio.sleep(0.1)
             else:
                 pytest.fail("the unprivileged node never had a warm kernel:\n" + log.read_text())
-        yield url, log
+        yield url, log, proc.pid
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)
@@ -151,9 +152,9 @@ async def test_the_node_reports_its_level_and_every_fence(gw: Gateway) -> None:
 
 
 async def test_an_unprivileged_node_says_what_it_lacks_and_kernels_still_run(
-    unprivileged_node: tuple[str, Path],
+    unprivileged_node: tuple[str, Path, int],
 ) -> None:
-    url, log = unprivileged_node
+    url, log, _ = unprivileged_node
     async with aiohttp.ClientSession() as http:
         async with http.get(url + "/health") as r:
             health = await r.json()
@@ -161,13 +162,45 @@ async def test_an_unprivileged_node_says_what_it_lacks_and_kernels_still_run(
             body = await r.json()
     isolation = health["isolation"]
     assert isolation["level"] == "partial", isolation
-    for fence in ("uid_per_kernel", "pid_namespace", "cgroup_memory"):
-        assert fence in isolation["missing"]
-    assert isolation["fences"]["seccomp"]  # what holds without root still holds
+    # What needs root: a uid per kernel, and cgroups. Everything else holds.
+    assert set(isolation["missing"]) == {"uid_per_kernel", "cgroup_memory", "cgroup_swap", "cgroup_pids", "cgroup_cpu"}
+    assert isolation["user_namespace"] and isolation["filesystem_view"] and isolation["seccomp"]
     assert body["stdout"] == f"{pwd.getpwnam(UNPRIVILEGED).pw_uid if ROOT else os.getuid()}\n", body
     warnings = [line for line in log.read_text().splitlines() if " WARNING " in line and "isolation" in line]
     assert len(warnings) == 1, warnings  # one line that says it all
-    assert "kernel isolation is partial" in warnings[0] and FENCES["pid_namespace"] in warnings[0]
+    assert "kernel isolation is partial" in warnings[0] and FENCES["cgroup_memory"] in warnings[0]
+
+
+async def test_without_root_kernels_are_still_fenced_from_the_server_and_each_other(
+    unprivileged_node: tuple[str, Path, int], scratch: Path
+) -> None:
+    url, _, node_pid = unprivileged_node
+    async with Client(url, transports=["websocket"]) as a, Client(url, transports=["websocket"]) as b:
+        run = await a.execute("import os\nopen('secret.txt', 'w').write('mine')\nprint(os.getcwd())")
+        home_a = run.stdout.strip()
+        probe = (
+            "import glob, os, signal, socket\n"
+            "env = []\n"
+            "for path in glob.glob('/proc/[0-9]*/environ'):\n"
+            "    try:\n        env.append(open(path, 'rb').read())\n    except OSError:\n        pass\n"
+            "print('secret' if any(b's3cr3t-value-7f1e' in e for e in env) else 'no secret')\n"
+            "def reach(path):\n"
+            "    try:\n        open(path).read(); return 'read'\n"
+            "    except OSError as e:\n        return type(e).__name__\n"
+            f"print(reach({home_a + '/secret.txt'!r}), reach({os.path.dirname(home_a) + '/connection.json'!r}))\n"
+            f"print(os.path.exists({str(scratch / 'store')!r}), os.path.exists({str(PROJECT / 'gateway')!r}))\n"
+            f"try:\n    os.kill({node_pid}, signal.SIGKILL); print('signalled')\n"
+            "except OSError as e:\n    print(type(e).__name__)\n"
+            "print(sorted(os.listdir(os.path.dirname(os.path.dirname(os.getcwd())))))\n"
+        )
+        out = (await b.execute(probe)).stdout.splitlines()
+        home_b = (await b.execute("import os\nprint(os.getcwd())")).stdout.strip()
+    assert out[0] == "no secret"  # the node's environment is in no /proc/*/environ it can read
+    assert out[1] == "FileNotFoundError FileNotFoundError"  # other kernels' files and keys: not there
+    assert out[2] == "False False"  # neither the data directory nor the server's code
+    assert out[3] == "ProcessLookupError"  # the node cannot even be seen, let alone signalled
+    # Of the kernel root: its own home and the read-only font cache, nothing else.
+    assert eval(out[4]) == sorted([os.path.basename(os.path.dirname(home_b)), "shared-cache"])
 
 
 def test_required_refuses_to_start_an_unprivileged_node(unprivileged_python: str, scratch: Path) -> None:
