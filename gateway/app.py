@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.config import Config, MiB
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
+from gateway.retention import Retention
 from gateway.routes import add_routes, cors, json_errors
 from gateway.sessions import SessionManager
 from gateway.sockets import create_server
@@ -69,11 +70,13 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     sio.attach(app)
     app["sio"] = sio
     add_routes(app)
+    retention = Retention(config, manager.store)
 
     async def start(app: web.Application) -> None:
         if owns_pool:
             await pool.open()
             pool.start()
+        retention.start()
 
     async def stop(app: web.Application) -> None:
         await manager.close()
@@ -82,6 +85,7 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
         for sock in list(sio.eio.sockets.values()):
             await sock.close(wait=False)
         await sio.shutdown()
+        await retention.close()
         await manager.registry.close()
         await manager.store.close()
         if owns_pool:

@@ -53,6 +53,8 @@ class Config:
     replay_limit: int = _setting(10000, "events kept per session for replay")
     replay_bytes: int = _setting(32 * MiB, "bytes of events kept per session for replay")
     store_dir: str = _setting("cellgate-data", "directory of the local blob store")
+    file_retention: float = _setting(7 * 86400.0, "seconds a stored file is kept (0: forever)")
+    permalink_retention: float = _setting(0.0, "seconds a permalink is kept (0: forever)")
     workdir_root: str = _setting("", "where kernel working directories are made (default: a fresh one per node)")
     fork_server: bool = _setting(True, "start Python kernels by forking a pre-imported process (Linux)")
     isolation: str = _setting("auto", "kernel isolation: auto (what the host allows), required (all or refuse), off")
@@ -156,7 +158,7 @@ def validate(config: Config) -> None:
     problems = []
     if not config.allowed_kernels:
         problems.append("--kernels names no kernel")
-    for name in ("pool_size", "sessions_per_client", "max_files"):
+    for name in ("pool_size", "sessions_per_client", "max_files", "file_retention", "permalink_retention"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
     positive = ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port")

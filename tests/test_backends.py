@@ -6,6 +6,7 @@ its factory to the table, and every test below then runs against it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -118,3 +119,17 @@ async def test_log_is_bounded_in_bytes(registry: SessionRegistry) -> None:
     await registry.append(rec.id, "iopub", {"n": "huge"}, 50_000)  # the newest stays, alone
     read = await registry.read(rec.id, 0)
     assert [e.data["n"] for e in read.entries] == ["huge"] and read.last == 4
+
+
+async def test_store_expires_what_is_older_than_asked_and_only_under_its_prefix(store: BlobStore) -> None:
+    await store.put("files/t1/old.txt", b"old", "text/plain")
+    await store.put("permalinks/p1", b"{}", "application/json")
+    await asyncio.sleep(0.05)
+    cutoff = time.time()
+    await asyncio.sleep(0.05)
+    await store.put("files/t2/new.txt", b"new", "text/plain")
+    assert await store.expire("files", cutoff) == 1
+    assert await store.get("files/t1/old.txt") is None
+    assert (await store.get("files/t2/new.txt")).data == b"new"
+    assert (await store.get("permalinks/p1")).data == b"{}"  # another prefix: untouched
+    assert await store.expire("files", cutoff) == 0

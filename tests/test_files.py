@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 
 import aiohttp
 
-from gateway.client import Refused
+from gateway.client import Client, Refused
 from tests.conftest import ClientFactory, Gateway, GatewayFactory
 
 
@@ -172,3 +174,25 @@ async def test_a_failed_store_is_retried_and_told(start_gateway: GatewayFactory,
     assert status == 200 and body == b"eventually"
     await c.drop()
     await gw.end_sessions()
+
+
+async def test_stored_files_go_after_their_retention_and_permalinks_stay(
+    start_gateway: GatewayFactory, transport: list[str]
+) -> None:
+    gw = await start_gateway(file_retention=1.0)
+    async with Client(gw.url, transports=transport) as c, aiohttp.ClientSession() as http:
+        run = await c.execute("open('kept.txt', 'w').write('soon gone')")
+        (stored,) = await c.wait_files(run)
+        permalink = run.permalink["url"]
+        async with http.get(gw.url + stored["url"]) as r:
+            assert r.status == 200
+        status, body = 200, {}
+        for _ in range(60):  # swept every quarter of the retention
+            async with http.get(gw.url + stored["url"]) as r:
+                status, body = r.status, await r.read()
+            if status == 404:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+        async with http.get(gw.url + permalink) as r:
+            assert r.status == 200  # permalinks are kept unless configured otherwise

@@ -30,6 +30,11 @@ class BlobStore(ABC):
     def url(self, key: str) -> str | None:
         """Where a client fetches the blob directly, or None if the gateway serves it."""
 
+    @abstractmethod
+    async def expire(self, prefix: str, before: float) -> int:
+        """Remove every blob under `prefix/` last written before `before` (a UNIX
+        time); how many went."""
+
     async def close(self) -> None:
         return None
 

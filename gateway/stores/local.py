@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -51,3 +52,26 @@ class LocalStore(BlobStore):
 
     def url(self, key: str) -> str | None:
         return None
+
+    async def expire(self, prefix: str, before: float) -> int:
+        return await asyncio.to_thread(self._expire, os.path.join(self.root, check_key(prefix)), before)
+
+    @staticmethod
+    def _expire(top: str, before: float) -> int:
+        # Only the gateway writes here (0700), so a plain walk is safe.
+        gone = 0
+        for directory, _dirs, files in os.walk(top, topdown=False):
+            for name in files:
+                path = os.path.join(directory, name)
+                if name.endswith(".meta") or name.startswith(".tmp-"):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < before:
+                        os.unlink(path)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path + ".meta")
+                        gone += 1
+            if directory != top:
+                with contextlib.suppress(OSError):  # not empty: something newer is in it
+                    os.rmdir(directory)
+        return gone
