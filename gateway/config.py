@@ -70,6 +70,8 @@ class Config:
     kernel_open_files: int = _setting(256, "open files per kernel process (RLIMIT_NOFILE)")
     kernel_cpus: float = _setting(1.0, "CPUs per kernel (cgroup CPU quota; 0: no limit)")
     kernel_tmp_size: int = _setting(64 * MiB, "size of a kernel's private /tmp, /var/tmp and /dev/shm in bytes")
+    kernel_disk: int = _setting(256 * MiB, "bytes a kernel's working directory holds, uploads included (0: no quota)")
+    kernel_inodes: int = _setting(20_000, "files and directories a kernel's working directory holds")
     log_level: str = _setting("info", "debug, info, warning or error")
 
     @property

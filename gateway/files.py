@@ -55,12 +55,12 @@ class FileReporter:
         """A new kernel, a new directory: nothing in it has been seen."""
         self._known = {}
 
-    async def upload(self, directory: str, name: str, data: bytes) -> None:
+    async def upload(self, directory: workdir.Directory, name: str, data: bytes) -> None:
         """Write a client's file; it is not reported back as output."""
         async with self._lock:
             self._known[name] = await workdir.run(workdir.write_file, directory, name, data)
 
-    async def report(self, directory: str, msg_id: str) -> None:
+    async def report(self, directory: workdir.Directory, msg_id: str) -> None:
         """Publish a `files` event for what changed in `directory` since the last report."""
         async with self._lock:
             try:
@@ -74,7 +74,9 @@ class FileReporter:
             entries = [await self._store(directory, name, found[name], msg_id) for name in changed]
         self.publish("files", {"msg_id": msg_id, "files": entries})
 
-    async def _store(self, directory: str, name: str, seen: workdir.FileState, msg_id: str) -> dict[str, Any]:
+    async def _store(
+        self, directory: workdir.Directory, name: str, seen: workdir.FileState, msg_id: str
+    ) -> dict[str, Any]:
         c = self.config
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         entry: dict[str, Any] = {"name": name, "url": None, "size": None, "mime": mime}

@@ -330,6 +330,8 @@ class Session:
             await self.files.upload(kernel.workdir, name, data)
         except workdir.UnsafeFile as exc:
             raise CellgateError("bad_filename", str(exc)) from None
+        except workdir.QuotaFull as exc:
+            raise CellgateError("file_too_large", f"{exc}: its disk quota is used up") from None
         return {"name": name, "size": len(data)}
 
     # -- messages from the kernel -----------------------------------------------

@@ -182,7 +182,7 @@ class Server:
             held, cgroup_notes = self.cgroups.verify(settings.limits)
             cgroup_notes = self.cgroups.notes + cgroup_notes
         self.isolation, self.notes, self.seccomp = isolation.probe(
-            settings.isolation, settings.network, settings.uids, held
+            settings.isolation, settings.network, settings.uids, held, settings.limits
         )
         self.notes += cgroup_notes
         uids = self.isolation.uids
@@ -536,7 +536,7 @@ def _stage_c(server: Server, task: int, report: int, go: int) -> NoReturn:
         from kernels.kernelapp import ParsedKernelApp  # before the view: our own code is not in it
 
         if iso.filesystem_view:
-            isolation.restricted_view(home, server.view_paths, settings.limits.tmp_size)
+            isolation.restricted_view(home, server.view_paths, settings.limits, uid)
         isolation.set_limits(settings.limits, with_uid_pool=uid is not None)
         os.chdir(os.path.join(home, "work"))
         os.umask(0o077)

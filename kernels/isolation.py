@@ -112,6 +112,8 @@ class Limits:
     pids: int = 128  # cgroup pids limit
     cpus: float = 1.0  # cgroup CPU quota, in CPUs
     tmp_size: int = 64 << 20  # each private tmpfs (/tmp, /var/tmp, /dev/shm)
+    disk: int = 256 << 20  # the working directory's own tmpfs: bytes...
+    inodes: int = 20_000  # ...and files and directories
 
 
 # Every fence a kernel can have, and what kernel code can do where it is missing: the
@@ -123,6 +125,7 @@ FENCES: dict[str, str] = {
     "pid_namespace": "see the host's processes, signal the server's, and read their /proc entries",
     "mount_namespace": "share /tmp, /var/tmp and /dev/shm with the host and other kernels",
     "filesystem_view": "read the server's files, the data directory and whatever else of the host its user may",
+    "disk_quota": "fill the host's disk and inodes through its working directory",
     "ipc_namespace": "use the host's System V shared memory, semaphores and message queues",
     "network_namespace": "reach the network, the node's own ports included",
     "cgroup_memory": "use memory up to its address-space limit per process, with no cap across its processes",
@@ -147,6 +150,7 @@ class Isolation:
     cgroups: tuple[str, ...] = ()  # controllers in force, their limits read back: memory, swap, pids, cpu
     seccomp: bool = False
     network_wanted: bool = True  # --network-isolation: without it no network namespace is asked for
+    disk_quota: bool = False  # the working directory is a size- and inode-limited tmpfs
 
     @property
     def fences(self) -> dict[str, bool]:
@@ -157,6 +161,7 @@ class Isolation:
             "pid_namespace": self.pid_namespace,
             "mount_namespace": self.mount_namespace,
             "filesystem_view": self.filesystem_view,
+            "disk_quota": self.disk_quota,
             "ipc_namespace": self.ipc_namespace,
             "cgroup_memory": "memory" in self.cgroups,
             "cgroup_swap": "swap" in self.cgroups,
@@ -270,7 +275,7 @@ def _bind(source: str, target: str, readonly: bool) -> None:
         mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | locked)
 
 
-def restricted_view(home: str, readonly: list[str], tmp_size: int) -> None:
+def restricted_view(home: str, readonly: list[str], limits: Limits, owner: int | None) -> None:
     """Make the kernel's whole filesystem what it needs and nothing else, then pivot into
     it: the system's programs and libraries and the Python installation read-only, its
     own home read-write, fresh /tmp, /var/tmp and /dev/shm, a few devices and its own
@@ -283,7 +288,7 @@ def restricted_view(home: str, readonly: list[str], tmp_size: int) -> None:
     # The private tmpfs first: a kernel home or a Python under /tmp is bound on top.
     for target in ("/tmp", "/var/tmp", "/dev/shm"):
         os.makedirs(new + target, exist_ok=True)
-        mount("tmpfs", new + target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_size},mode=1777")
+        mount("tmpfs", new + target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={limits.tmp_size},mode=1777")
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):  # merged /usr: keep the link, the target is bound below
             os.symlink(os.readlink(top), new + top)
@@ -293,6 +298,13 @@ def restricted_view(home: str, readonly: list[str], tmp_size: int) -> None:
         if os.path.exists(path):
             _bind(path, new + path, readonly=True)
     _bind(home, new + home, readonly=False)
+    if limits.disk:
+        # The working directory is a tmpfs of its own: the host enforces its bytes and
+        # inodes (and, as root, charges its pages to the kernel's memory cgroup). The
+        # gateway reaches it through the kernel's root (see kernels/workdir.py).
+        uid = os.getuid() if owner is None else owner
+        options = f"size={limits.disk},nr_inodes={limits.inodes},mode=0700,uid={uid},gid={uid}"
+        mount("tmpfs", new + home + "/work", "tmpfs", MS_NOSUID | MS_NODEV, options)
     for device in ("null", "zero", "full", "random", "urandom", "tty"):
         if os.path.exists(f"/dev/{device}"):
             _bind(f"/dev/{device}", f"{new}/dev/{device}", readonly=False)
@@ -433,7 +445,7 @@ def _namespaces_work(flags: int, userns: bool) -> None:
 
 
 def probe(
-    wanted: bool, network: bool, uids: tuple[int, int] | None, controllers: tuple[str, ...]
+    wanted: bool, network: bool, uids: tuple[int, int] | None, controllers: tuple[str, ...], limits: Limits
 ) -> tuple[Isolation, list[str], bytes]:
     """What of the wanted isolation this host gives, a note for each part it does not,
     and the seccomp program when seccomp is in."""
@@ -475,5 +487,6 @@ def probe(
         cgroups=controllers,
         seccomp=seccomp,
         network_wanted=network,
+        disk_quota=ns and limits.disk > 0,
     )
     return iso, notes, program if seccomp else b""

@@ -104,8 +104,9 @@ class Kernel:
     def __init__(self, spec: KernelSpec, manager: AsyncKernelManager, home: str) -> None:
         self.id = uuid.uuid4().hex
         self.name = spec.name
-        self.workdir = os.path.join(home, "work")
+        self._work = os.path.join(home, "work")
         self._home = home
+        self._fork_server = spec.fork_server
         self.started_at = time.monotonic()
         self._manager = manager
         self._session = Session(key=manager.session.key, username="cellgate")
@@ -334,6 +335,16 @@ class Kernel:
             log.debug("kernel %s shutdown", self.id, exc_info=True)
         # Through directory fds, never following a link the kernel made, however deep.
         await workdir.run(workdir.remove_tree, self._home, timeout=None)
+
+    @property
+    def workdir(self) -> str | workdir.Rooted:
+        """Where the trusted side reads and writes the kernel's files. With a disk quota
+        the working directory is a tmpfs in the kernel's own mount namespace, reached
+        through its reaper's root (which shares that namespace)."""
+        server, pid = self._fork_server, getattr(self._manager.provisioner, "pid", None)
+        if server is not None and server.report.get("disk_quota") and pid:
+            return workdir.Rooted(f"/proc/{pid}/root", self._work)
+        return self._work
 
     # -- messages ---------------------------------------------------------------
 

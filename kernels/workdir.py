@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import stat
@@ -34,6 +35,34 @@ T = TypeVar("T")
 _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kernel-files")
 
 
+@dataclass(frozen=True)
+class Rooted:
+    """A directory in a kernel's own mount namespace: `path` as the kernel sees it, under
+    `root` (its /proc/<pid>/root). Reached one component at a time, never following a
+    link: an absolute link there would resolve against the gateway's root."""
+
+    root: str
+    path: str
+
+
+Directory = str | Rooted  # a path the gateway sees, or one inside a kernel's namespace
+
+
+def _open_dir(workdir: Directory) -> int:
+    if isinstance(workdir, str):
+        return os.open(workdir, DIR_FLAGS)
+    fd = os.open(workdir.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the one link we follow
+    try:
+        for part in workdir.path.strip("/").split("/"):
+            nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @functools.cache
 def default_root() -> str:
     """This process's own kernel root, made fresh: a fixed shared path would be left
@@ -46,6 +75,10 @@ def default_root() -> str:
 
 class UnsafeFile(Exception):
     """The path is a link, not a regular file, changed under us, or otherwise not ours to touch."""
+
+
+class QuotaFull(Exception):
+    """The kernel's working directory has no room left (its disk quota)."""
 
 
 class FileTooLarge(Exception):
@@ -70,7 +103,7 @@ async def run(fn: Callable[..., T], *args: Any, timeout: float | None = 30.0) ->
         raise UnsafeFile(f"gave up after {timeout:g} s") from None
 
 
-def scan(workdir: str, limit: int) -> dict[str, FileState]:
+def scan(workdir: Directory, limit: int) -> dict[str, FileState]:
     """Regular files under workdir (relative path -> state), links never followed. At
     most `limit` files and `limit * ENTRIES_PER_FILE` entries are looked at."""
     found: dict[str, FileState] = {}
@@ -84,7 +117,7 @@ def scan(workdir: str, limit: int) -> dict[str, FileState]:
             os.close(fd)
 
     try:
-        enter(os.open(workdir, DIR_FLAGS), "")
+        enter(_open_dir(workdir), "")
         while stack and budget > 0 and len(found) < limit:
             fd, rel, entries = stack[-1]
             entry = next(entries, None)
@@ -113,12 +146,15 @@ def scan(workdir: str, limit: int) -> dict[str, FileState]:
     return dict(sorted(found.items()))
 
 
-def _open_parent(workdir: str, rel: str) -> tuple[int, str]:
+def _open_parent(workdir: Directory, rel: str) -> tuple[int, str]:
     """An fd of the directory holding rel, reached without following any link."""
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise UnsafeFile(f"{rel!r} is not a plain relative path")
-    fd = os.open(workdir, DIR_FLAGS)
+    try:
+        fd = _open_dir(workdir)
+    except OSError as exc:
+        raise UnsafeFile(f"the working directory: {exc.strerror}") from None
     try:
         for part in parts[:-1]:
             nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
@@ -139,7 +175,7 @@ def _check(fd: int, rel: str) -> os.stat_result:
     return st
 
 
-def read_file(workdir: str, rel: str, cap: int, seen: FileState | None = None) -> bytes:
+def read_file(workdir: Directory, rel: str, cap: int, seen: FileState | None = None) -> bytes:
     """The bytes of one regular file; UnsafeFile for links, special files or a file that
     is not the one `seen` (a scan's record of it), FileTooLarge above cap."""
     parent, name = _open_parent(workdir, rel)
@@ -161,7 +197,7 @@ def read_file(workdir: str, rel: str, cap: int, seen: FileState | None = None) -
     return data
 
 
-def write_file(workdir: str, name: str, data: bytes) -> FileState:
+def write_file(workdir: Directory, name: str, data: bytes) -> FileState:
     """Create or replace a plain file directly in workdir (for uploads). A FIFO, device
     or link in its place is refused at once, never opened to wait on."""
     parent, base = _open_parent(workdir, name)
@@ -177,16 +213,30 @@ def write_file(workdir: str, name: str, data: bytes) -> FileState:
         # and is then refused; no O_TRUNC until the file is proven plain.
         fd = os.open(base, os.O_WRONLY | os.O_CREAT | FILE_FLAGS, 0o644, dir_fd=parent)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # no inode left
+            raise QuotaFull(f"{name!r}: the kernel's working directory is full") from None
         raise UnsafeFile(f"{name!r}: {exc.strerror}") from None
     finally:
         os.close(parent)
-    with os.fdopen(fd, "wb") as f:
-        _check(fd, name)
-        os.set_blocking(fd, True)
-        f.truncate(0)
-        f.write(data)
-        f.flush()
-        st = os.fstat(fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _check(fd, name)
+            os.set_blocking(fd, True)
+            f.truncate(0)
+            f.write(data)
+            f.flush()
+            st = os.fstat(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The kernel's disk quota: what was written so far would only take its room.
+            with contextlib.suppress(OSError):
+                parent, base = _open_parent(workdir, name)
+                try:
+                    os.unlink(base, dir_fd=parent)
+                finally:
+                    os.close(parent)
+            raise QuotaFull(f"{name!r}: the kernel's working directory is full") from None
+        raise
     return FileState(st.st_size, st.st_mtime_ns, st.st_ino)
 
 

@@ -18,7 +18,11 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from gateway.app import create_fork_server
 from gateway.client import Client, Execution
+from gateway.config import Config
+from kernels.kernel import KernelSpec
+from kernels.pool import KernelPool
 from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory
 
 MiB = 1 << 20
@@ -359,9 +363,20 @@ async def test_swapping_a_directory_for_a_link_never_leaks(
 
 
 async def test_deep_and_wide_trees_cost_a_bounded_scan_and_go_with_the_kernel(
-    connect: ClientFactory, bystander: Bystander
+    start_gateway: GatewayFactory, connect: ClientFactory, kernel_root: str, bystander: Bystander
 ) -> None:
-    c = await connect()
+    # With the disk quota off (--kernel-disk 0), so that the tree is on the host's own
+    # filesystem, where the gateway scans and removes it itself.
+    fork_server = create_fork_server(Config(workdir_root=kernel_root, kernel_disk=0))
+    pool = KernelPool({"python3": KernelSpec(workdir_root=kernel_root, fork_server=fork_server)}, size=1)
+    await pool.open()
+    try:
+        await _deep_and_wide(await connect(await start_gateway(kernel_pool=pool, queue_timeout=60.0)))
+    finally:
+        await pool.close()
+
+
+async def _deep_and_wide(c: Client) -> None:
     home = (await c.execute("import os\nos.getcwd()")).result["text/plain"].strip("'")
     run = await c.execute(
         "for i in range(100_000):\n    os.close(os.open(f'w{i}', os.O_CREAT | os.O_WRONLY))\n"

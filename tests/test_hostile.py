@@ -9,8 +9,10 @@ a containment failure fails the test and not the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import stat
 from collections.abc import AsyncIterator
 
 import psutil
@@ -205,3 +207,45 @@ async def test_the_servers_files_are_not_in_a_kernels_view(connect: ClientFactor
         "print(os.path.exists('/etc/hostname'), os.path.exists('/usr/bin'))"
     )
     assert run.stdout == "False False\nTrue True\n"  # the system, yes; the server's data and code, no
+
+
+def host_sockets(tops: tuple[str, ...]) -> list[str]:
+    found = []
+    for top in tops:
+        for directory, _, names in os.walk(top):
+            for name in names:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        found.append(path)
+    return found
+
+
+async def test_no_unix_socket_of_the_host_is_reachable(connect: ClientFactory, bystander: Bystander) -> None:
+    # A socket of our own in each place a host keeps them, next to whatever the host has.
+    planted, listeners = [], []
+    for directory in ("/run", "/tmp", "/dev/shm"):
+        path = os.path.join(directory, f"cellgate-test-{os.getpid()}.sock")
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(path)
+        s.listen()
+        planted.append(path)
+        listeners.append(s)
+    try:
+        c = await connect()
+        home = os.path.dirname((await c.execute("import os\nprint(os.getcwd())")).stdout.strip())
+        found = sorted(p for p in host_sockets(("/run", "/var/run", "/tmp", "/dev")) if not p.startswith(home + "/"))
+        assert set(planted) <= set(found)  # its own sockets, in its home, are its own business
+        run = await c.execute(
+            "import socket\nreached = []\n"
+            f"for path in {found!r}:\n"
+            "    s = socket.socket(socket.AF_UNIX)\n"
+            "    try:\n        s.connect(path); reached.append(path)\n    except OSError:\n        pass\n"
+            "    finally:\n        s.close()\n"
+            "print(reached)"
+        )
+        assert run.stdout == "[]\n"
+    finally:
+        for s, path in zip(listeners, planted, strict=True):
+            s.close()
+            os.unlink(path)

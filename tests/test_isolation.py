@@ -26,13 +26,13 @@ import pytest
 import pytest_asyncio
 
 from gateway.app import create_fork_server
-from gateway.client import Client
+from gateway.client import Client, Refused
 from gateway.config import Config, validate
 from kernels.isolation import FENCES
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 from kernels.provisioner import ForkServerError
-from tests.conftest import ClientFactory, Gateway
+from tests.conftest import ClientFactory, Gateway, GatewayFactory
 
 ROOT = os.geteuid() == 0
 UNPRIVILEGED = "nobody"
@@ -300,3 +300,36 @@ async def test_seccomp_refuses_the_newer_mount_calls_and_other_personas(connect:
     calls, personas = run.stdout.splitlines()
     assert set(eval(calls).values()) == {"Operation not permitted"}, calls
     assert eval(personas) == ["ok", "ok"] + ["Operation not permitted"] * 3
+
+
+async def test_a_kernels_disk_is_bounded_in_bytes_and_files_and_uploads_count(
+    start_gateway: GatewayFactory, kernel_root: str
+) -> None:
+    # A small quota of its own, so that filling it is quick: 8 MiB and 2,000 files.
+    fork_server = create_fork_server(Config(workdir_root=kernel_root, kernel_disk=8 << 20, kernel_inodes=2000))
+    pool = KernelPool({"python3": KernelSpec(workdir_root=kernel_root, fork_server=fork_server)}, size=1)
+    await pool.open()
+    try:
+        assert pool.isolation()["fences"]["disk_quota"]
+        gw = await start_gateway(kernel_pool=pool, queue_timeout=60.0)
+        free = shutil.disk_usage(kernel_root).free
+        async with Client(gw.url, transports=["websocket"]) as c:
+            fill = (
+                "import errno, os\ndef fill(make):\n    n = 0\n    try:\n"
+                "        while n < 100_000:\n            make(n); n += 1\n"
+                "    except OSError as e:\n        return n, errno.errorcode[e.errno]\n"
+            )
+            run = await c.execute(
+                fill + "print(fill(lambda n: open(f'big{n}', 'wb').write(b'x' * (1 << 20))))\n"
+                "print(fill(lambda n: open(f'f{n}', 'w').close()))"
+            )
+            big, small = (eval(line) for line in run.stdout.splitlines())
+            assert big[1] == "ENOSPC" and big[0] <= 8
+            assert small[1] == "ENOSPC" and small[0] < 2000
+            with pytest.raises(Refused) as err:  # uploads go to the same, full, directory
+                await c.upload("more.bin", b"y" * 4096)
+            assert err.value.code == "file_too_large" and "disk quota" in err.value.message
+        assert free - shutil.disk_usage(kernel_root).free < 8 << 20  # the host's disk did not pay
+        await gw.end_sessions()
+    finally:
+        await pool.close()
