@@ -26,6 +26,7 @@ C, still root, reads it from the connection file in the kernel's root-owned dire
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -41,7 +42,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
-from kernels import isolation
+from kernels import egress, isolation
 from kernels.cgroups import Cgroups, KernelCgroup
 from kernels.environment import python_runtime
 from kernels.isolation import Limits
@@ -185,6 +186,16 @@ class Server:
             settings.isolation, settings.network, settings.uids, held, settings.limits
         )
         self.notes += cgroup_notes
+        self.egress = False
+        if settings.isolation and not settings.network and self.isolation.uids:
+            why = egress.install(self.isolation.uids)
+            if why is None:
+                self.egress = True
+                self.isolation = dataclasses.replace(self.isolation, egress_rules=True)
+            else:
+                self.notes.append(f"no egress rules for kernels on the host's network: {why}")
+        elif settings.isolation and not settings.network:
+            self.notes.append("no egress rules for kernels on the host's network: they need root and a uid pool")
         uids = self.isolation.uids
         self.free_uids: deque[int] = deque(range(uids[0], uids[1] + 1) if uids else ())
         self.children: dict[int, Child] = {}  # reaper pid -> what to reclaim when it exits
@@ -252,6 +263,9 @@ class Server:
         self.stop()
 
     def stop(self) -> None:
+        if self.egress:
+            egress.remove()
+            self.egress = False
         if self.spare is not None:
             self.spare.discard()
         for pid in list(self.children):

@@ -126,6 +126,7 @@ FENCES: dict[str, str] = {
     "mount_namespace": "share /tmp, /var/tmp and /dev/shm with the host and other kernels",
     "filesystem_view": "read the server's files, the data directory and whatever else of the host its user may",
     "disk_quota": "fill the host's disk and inodes through its working directory",
+    "egress_rules": "reach the cloud metadata address and every address of the node, its own ports included",
     "ipc_namespace": "use the host's System V shared memory, semaphores and message queues",
     "network_namespace": "reach the network, the node's own ports included",
     "cgroup_memory": "use memory up to its address-space limit per process, with no cap across its processes",
@@ -151,6 +152,7 @@ class Isolation:
     seccomp: bool = False
     network_wanted: bool = True  # --network-isolation: without it no network namespace is asked for
     disk_quota: bool = False  # the working directory is a size- and inode-limited tmpfs
+    egress_rules: bool = False  # without network isolation: nftables rules on the kernels' uids
 
     @property
     def fences(self) -> dict[str, bool]:
@@ -171,6 +173,8 @@ class Isolation:
         }
         if self.network_wanted:
             held["network_namespace"] = self.network_namespace
+        else:  # the host's network, fenced by the host's firewall where root allows
+            held["egress_rules"] = self.egress_rules
         return held
 
     @property

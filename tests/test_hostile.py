@@ -13,13 +13,17 @@ import contextlib
 import os
 import socket
 import stat
+import subprocess
 from collections.abc import AsyncIterator
 
 import psutil
 import pytest
 import pytest_asyncio
 
+from gateway.app import create_fork_server
 from gateway.client import Client
+from gateway.config import Config
+from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory
 
@@ -249,3 +253,41 @@ async def test_no_unix_socket_of_the_host_is_reachable(connect: ClientFactory, b
         for s, path in zip(listeners, planted, strict=True):
             s.close()
             os.unlink(path)
+
+
+def nft_ruleset() -> str:
+    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+async def test_without_network_isolation_kernels_still_cannot_reach_the_node_or_metadata(
+    start_gateway: GatewayFactory, kernel_root: str
+) -> None:
+    fork_server = create_fork_server(Config(workdir_root=kernel_root, network_isolation=False))
+    pool = KernelPool({"python3": KernelSpec(workdir_root=kernel_root, fork_server=fork_server)}, size=1)
+    await pool.open()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        report = pool.isolation()
+        assert report["fences"]["egress_rules"] and "network_namespace" not in report["fences"]
+        rules = nft_ruleset()
+        assert "169.254.0.0/16" in rules and "fib daddr type local reject" in rules
+        gw = await start_gateway(kernel_pool=pool, queue_timeout=60.0)
+        async with Client(gw.url, transports=["websocket"]) as c:
+            ports = (gw.server.port, listener.getsockname()[1])
+            run = await c.execute(
+                "import socket\nfor port in " + repr(ports) + ":\n"
+                "    try:\n        socket.create_connection(('127.0.0.1', port), timeout=2); print('reached')\n"
+                "    except OSError as e:\n        print(type(e).__name__)\n"
+                "print(socket.gethostname() != '')"
+            )
+        assert run.stdout == "ConnectionRefusedError\nConnectionRefusedError\nTrue\n", run.stdout
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody got through
+        await gw.end_sessions()
+    finally:
+        listener.close()
+        await pool.close()
+    assert "169.254.0.0/16" not in nft_ruleset()  # gone with its fork server
