@@ -175,6 +175,7 @@ async def test_without_root_kernels_are_still_fenced_from_the_server_and_each_ot
     unprivileged_node: tuple[str, Path, int], scratch: Path
 ) -> None:
     url, _, node_pid = unprivileged_node
+    port = int(url.rsplit(":", 1)[1])
     async with Client(url, transports=["websocket"]) as a, Client(url, transports=["websocket"]) as b:
         run = await a.execute("import os\nopen('secret.txt', 'w').write('mine')\nprint(os.getcwd())")
         home_a = run.stdout.strip()
@@ -192,6 +193,10 @@ async def test_without_root_kernels_are_still_fenced_from_the_server_and_each_ot
             f"try:\n    os.kill({node_pid}, signal.SIGKILL); print('signalled')\n"
             "except OSError as e:\n    print(type(e).__name__)\n"
             "print(sorted(os.listdir(os.path.dirname(os.path.dirname(os.getcwd())))))\n"
+            f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2); print('reached')\n"
+            "except OSError as e:\n    print(type(e).__name__)\n"
+            "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.unshare(0x10000000), os.strerror(ctypes.get_errno()))\n"
         )
         out = (await b.execute(probe)).stdout.splitlines()
         home_b = (await b.execute("import os\nprint(os.getcwd())")).stdout.strip()
@@ -201,6 +206,8 @@ async def test_without_root_kernels_are_still_fenced_from_the_server_and_each_ot
     assert out[3] == "ProcessLookupError"  # the node cannot even be seen, let alone signalled
     # Of the kernel root: its own home and the read-only font cache, nothing else.
     assert eval(out[4]) == sorted([os.path.basename(os.path.dirname(home_b)), "shared-cache"])
+    assert out[5] in ("OSError", "PermissionError")  # no network: not even the node's own port
+    assert out[6] == "-1 Operation not permitted"  # seccomp: no namespace of its own to escape into
 
 
 def test_required_refuses_to_start_an_unprivileged_node(unprivileged_python: str, scratch: Path) -> None:
