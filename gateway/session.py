@@ -38,6 +38,7 @@ STREAM_MERGE_MAX = 64 * 1024
 REPLY_CONTENT_MAX = 1 << 20  # a status, reply or execute_input bigger than this keeps only a marker
 EVENT_OVERHEAD = 512  # bytes an event costs beyond its content (headers, seq, framing)
 OVERRUN_GRACE = 5.0  # seconds an interrupted kernel has to stop before it is killed
+SHUTDOWN_GRACE = 10.0  # seconds a kernel has to answer a shutdown_request or exit
 SPINNING = 0.5  # CPU share that counts as running code while nothing is outstanding
 EXPECTED_TRACKED = 1024  # requests whose lifecycle messages are still expected
 
@@ -308,8 +309,10 @@ class Session:
             self._expect(msg["header"]["msg_id"], "shutdown_request")
             with contextlib.suppress(KernelBusy):
                 kernel.send("control", msg)
-            # The kernel answers with shutdown_reply (relayed) and exits; end either way.
-            self._spawn(self._end_later(2.0, "shutdown", "requested"))
+            # The session ends at the shutdown_reply (relayed) or at the kernel's exit,
+            # whichever comes first; a loaded kernel may take seconds to answer, and one
+            # that does neither is ended all the same.
+            self._spawn(self._end_later(SHUTDOWN_GRACE, "shutdown", "requested"))
         else:
             self._spawn(self.end("shutdown", "requested"))
 
@@ -479,7 +482,9 @@ class Session:
         self._cpu_mark = self._spin_since = self._spin_told = None
         self.kernel = None
         self._spawn(self.manager.pool.release(kernel))
-        if not (self._ending or self.ended):
+        if self._ending and not self.ended:  # it exited as asked: whatever it said has been relayed
+            self._spawn(self.end("shutdown", "requested"))
+        elif not (self._ending or self.ended):
             log.info("session %s: kernel %s died", self.id, kernel.id)
             self.manager.metrics.errors.labels("kernel_dead").inc()
             self.publish("kernel", {"state": "dead", "reason": kernel.exit_reason})

@@ -292,7 +292,8 @@ def restricted_view(home: str, readonly: list[str], limits: Limits, owner: int |
     # The private tmpfs first: a kernel home or a Python under /tmp is bound on top.
     for target in ("/tmp", "/var/tmp", "/dev/shm"):
         os.makedirs(new + target, exist_ok=True)
-        mount("tmpfs", new + target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={limits.tmp_size},mode=1777")
+        options = f"size={limits.tmp_size},nr_inodes={limits.inodes or 1_000_000},mode=1777"
+        mount("tmpfs", new + target, "tmpfs", MS_NOSUID | MS_NODEV, options)
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):  # merged /usr: keep the link, the target is bound below
             os.symlink(os.readlink(top), new + top)

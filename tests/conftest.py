@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -176,3 +178,15 @@ async def bystander(connect: ClientFactory) -> AsyncIterator[Bystander]:
         await task
     assert b.answers > answered, "no answer after the attack"
     assert not b.misses, b.misses
+
+
+def host_sockets(tops: tuple[str, ...]) -> list[str]:
+    found = []
+    for top in tops:
+        for directory, _, names in os.walk(top):
+            for name in names:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        found.append(path)
+    return found

@@ -9,10 +9,8 @@ a containment failure fails the test and not the machine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
-import stat
 import subprocess
 from collections.abc import AsyncIterator
 
@@ -25,7 +23,7 @@ from gateway.client import Client
 from gateway.config import Config
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
-from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory
+from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory, host_sockets
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel isolation needs root")
 
@@ -213,18 +211,6 @@ async def test_the_servers_files_are_not_in_a_kernels_view(connect: ClientFactor
     assert run.stdout == "False False\nTrue True\n"  # the system, yes; the server's data and code, no
 
 
-def host_sockets(tops: tuple[str, ...]) -> list[str]:
-    found = []
-    for top in tops:
-        for directory, _, names in os.walk(top):
-            for name in names:
-                path = os.path.join(directory, name)
-                with contextlib.suppress(OSError):  # gone meanwhile
-                    if stat.S_ISSOCK(os.lstat(path).st_mode):
-                        found.append(path)
-    return found
-
-
 async def test_no_unix_socket_of_the_host_is_reachable(connect: ClientFactory, bystander: Bystander) -> None:
     # A socket of our own in each place a host keeps them, next to whatever the host has.
     planted, listeners = [], []
@@ -232,6 +218,7 @@ async def test_no_unix_socket_of_the_host_is_reachable(connect: ClientFactory, b
         path = os.path.join(directory, f"cellgate-test-{os.getpid()}.sock")
         s = socket.socket(socket.AF_UNIX)
         s.bind(path)
+        os.chmod(path, 0o777)  # anyone may connect: only the kernel's view keeps it out
         s.listen()
         planted.append(path)
         listeners.append(s)

@@ -14,6 +14,7 @@ import logging
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +33,7 @@ from kernels.isolation import FENCES
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 from kernels.provisioner import ForkServerError
-from tests.conftest import ClientFactory, Gateway, GatewayFactory
+from tests.conftest import ClientFactory, Gateway, GatewayFactory, host_sockets
 
 ROOT = os.geteuid() == 0
 UNPRIVILEGED = "nobody"
@@ -98,6 +99,9 @@ def node_env(scratch: Path, port: int) -> dict[str, str]:
         "CELLGATE_PORT": str(port),
         "CELLGATE_STORE_DIR": str(scratch / "store"),
         "CELLGATE_POOL_SIZE": "1",
+        # A small disk quota, so that filling it is quick.
+        "CELLGATE_KERNEL_DISK": str(8 << 20),
+        "CELLGATE_KERNEL_INODES": "2000",
         "CELLGATE_SECRET_FOR_TEST": "s3cr3t-value-7f1e",
     }
 
@@ -208,6 +212,50 @@ async def test_without_root_kernels_are_still_fenced_from_the_server_and_each_ot
     assert eval(out[4]) == sorted([os.path.basename(os.path.dirname(home_b)), "shared-cache"])
     assert out[5] in ("OSError", "PermissionError")  # no network: not even the node's own port
     assert out[6] == "-1 Operation not permitted"  # seccomp: no namespace of its own to escape into
+
+
+async def test_without_root_the_quota_seccomp_and_the_view_of_sockets_hold(
+    unprivileged_node: tuple[str, Path, int],
+) -> None:
+    url, _, _ = unprivileged_node
+    planted = []
+    for directory in ("/run", "/tmp", "/dev/shm") if ROOT else ("/tmp", "/dev/shm"):
+        path = os.path.join(directory, f"cellgate-test-{os.getpid()}.sock")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+        os.chmod(path, 0o777)  # anyone may connect: only the kernel's view keeps it out
+        sock.listen()
+        planted.append((path, sock))
+    try:
+        async with Client(url, transports=["websocket"]) as c:
+            home = os.path.dirname((await c.execute("import os\nprint(os.getcwd())")).stdout.strip())
+            found = [p for p in host_sockets(("/run", "/var/run", "/tmp", "/dev")) if not p.startswith(home + "/")]
+            run = await c.execute(
+                "import ctypes, errno, os, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "def fill(make):\n    n = 0\n    try:\n"
+                "        while n < 100_000:\n            make(n); n += 1\n"
+                "    except OSError as e:\n        return n, errno.errorcode[e.errno]\n"
+                "print(fill(lambda n: open(f'big{n}', 'wb').write(b'x' * (1 << 20))))\n"
+                "print(fill(lambda n: open(f'f{n}', 'w').close()))\n"
+                "def call(nr):\n    r = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
+                "    return 'ok' if r != -1 else os.strerror(ctypes.get_errno())\n"
+                "print(sorted({call(nr) for nr in (431, 433, 442, 320, 438, 440, 272, 308, 101)}))\n"
+                "reached = []\n"
+                f"for path in {found!r}:\n"
+                "    s = socket.socket(socket.AF_UNIX)\n"
+                "    try:\n        s.connect(path); reached.append(path)\n    except OSError:\n        pass\n"
+                "    finally:\n        s.close()\n"
+                "print(reached)"
+            )
+        big, small, calls, reached = run.stdout.splitlines()
+        assert eval(big)[1] == "ENOSPC" and eval(big)[0] <= 8  # bytes: the 8 MiB quota
+        assert eval(small)[1] == "ENOSPC" and eval(small)[0] < 2000  # and files
+        assert eval(calls) == ["Operation not permitted"]  # mount API, kexec, pidfd_getfd, unshare, setns, ptrace
+        assert {p for p, _ in planted} <= set(found) and reached == "[]"
+    finally:
+        for path, sock in planted:
+            sock.close()
+            os.unlink(path)
 
 
 def test_required_refuses_to_start_an_unprivileged_node(unprivileged_python: str, scratch: Path) -> None:
