@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import CellgateError
@@ -92,6 +94,7 @@ class Session:
         self.disconnected_at: float | None = self.created
         self.ended = False
         self._ending = False  # no new work accepted
+        self._unanswered_shutdown: dict[str, Any] | None = None  # a shutdown_request's header, until its reply
         self._closing = False  # end() has begun
         self._seq = 0  # used only when not logged
         self._outbox: asyncio.Queue[tuple[str, Any, int]] = asyncio.Queue()
@@ -304,6 +307,7 @@ class Session:
 
     def _shutdown_requested(self, msg: dict[str, Any]) -> None:
         self._ending = True
+        self._unanswered_shutdown = msg["header"]
         kernel = self.kernel
         if kernel is not None and kernel.alive:
             self._expect(msg["header"]["msg_id"], "shutdown_request")
@@ -315,6 +319,10 @@ class Session:
             self._spawn(self._end_later(SHUTDOWN_GRACE, "shutdown", "requested"))
         else:
             self._spawn(self.end("shutdown", "requested"))
+
+    async def _end_after(self, release: Awaitable[None]) -> None:
+        await release
+        await self.end("shutdown", "requested")
 
     async def _end_later(self, delay: float, state: str, reason: str) -> None:
         await asyncio.sleep(delay)
@@ -369,6 +377,7 @@ class Session:
             if msg["content"].get("execution_state") == "idle":
                 self._finished(self._queue.popleft())
         if channel == "control" and msg_type == "shutdown_reply" and self._ending:
+            self._unanswered_shutdown = None
             self._spawn(self.end("shutdown", "requested"))
 
     def _lifecycle(self, channel: str, msg_type: str, parent: str) -> bool:
@@ -481,10 +490,13 @@ class Session:
         self._expected.clear()
         self._cpu_mark = self._spin_since = self._spin_told = None
         self.kernel = None
+        if self._ending and not self.ended:
+            # It exited as asked, and whatever it said has been relayed: the session ends
+            # once its kernel is reclaimed, as it does when it ends the kernel itself.
+            self._spawn(self._end_after(self.manager.pool.release(kernel)))
+            return
         self._spawn(self.manager.pool.release(kernel))
-        if self._ending and not self.ended:  # it exited as asked: whatever it said has been relayed
-            self._spawn(self.end("shutdown", "requested"))
-        elif not (self._ending or self.ended):
+        if not self.ended:
             log.info("session %s: kernel %s died", self.id, kernel.id)
             self.manager.metrics.errors.labels("kernel_dead").inc()
             self.publish("kernel", {"state": "dead", "reason": kernel.exit_reason})
@@ -538,6 +550,11 @@ class Session:
                 request.deadline.cancel()
         if kernel is not None:
             await self.manager.pool.release(kernel)
+        if self._unanswered_shutdown is not None:
+            # The kernel ended without a reply (seen, rarely, from a loaded kernel): a
+            # client waiting for one is answered all the same, and told by whom.
+            self.publish("control", _gateway_reply("shutdown_reply", self._unanswered_shutdown, {"status": "ok"}))
+            self._unanswered_shutdown = None
         self.publish("kernel", {"state": state, "reason": reason})
         await self.flush()
         self.ended = True
@@ -557,6 +574,19 @@ class Session:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(self._reports.discard)
         return task
+
+
+def _gateway_reply(msg_type: str, parent: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
+    """A reply the gateway makes in the kernel's place, marked as such in its metadata."""
+    header = {
+        "msg_id": uuid.uuid4().hex,
+        "msg_type": msg_type,
+        "session": "cellgate",
+        "username": "cellgate",
+        "date": datetime.now(UTC).isoformat(),
+        "version": "5.3",
+    }
+    return {"header": header, "parent_header": parent, "metadata": {"from": "gateway"}, "content": content}
 
 
 def _event_size(data: dict[str, Any]) -> int:

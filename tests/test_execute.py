@@ -220,3 +220,21 @@ async def test_bursts_of_events_arrive_whole(connect: ClientFactory) -> None:
         ids.append(msg["header"]["msg_id"])
         await c.sio.emit("shell", msg)
     assert (await c.execute("s.value", timeout=30)).result == {"text/plain": "39"}
+
+
+async def test_a_shutdown_request_is_answered_even_if_the_kernel_ends_without_a_reply(
+    connect: ClientFactory, gw: Gateway
+) -> None:
+    c = await connect()
+    await c.execute(
+        "import os\nk = get_ipython().kernel\n"
+        "async def silent(*args):\n    os._exit(0)\n"
+        "k.control_handlers['shutdown_request'] = silent"
+    )
+    start = len(c.events)
+    await c.shutdown()
+    replies = [d for e, d in c.events[start:] if e == "control" and d["header"]["msg_type"] == "shutdown_reply"]
+    assert len(replies) == 1 and replies[0]["metadata"] == {"from": "gateway"}
+    assert replies[0]["content"]["status"] == "ok"
+    assert c.events[-1][0] == "kernel" and c.events[-1][1]["state"] == "shutdown"
+    assert await gw.wait_sessions(0) == 0
