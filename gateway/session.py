@@ -401,9 +401,10 @@ class Session:
     def _drop(self, budget: Budget, size: int, code: str, why: str) -> None:
         """Drop one output message; the client hears once per budget and code."""
         self.manager.metrics.dropped.inc(size)
-        if (budget.capped, budget.truncated)[code == "too_large"]:
+        too_large = code == "too_large"
+        if budget.truncated if too_large else budget.capped:
             return
-        if code == "too_large":
+        if too_large:
             budget.truncated = True
             message = f"{why}, over the {self.config.kernel_message_limit}-byte limit; it was dropped"
         else:

@@ -410,10 +410,7 @@ def _stage_a(server: Server, orders: socket.socket, handoff: int) -> NoReturn:
         signal.set_wakeup_fd(-1)
         os.setsid()
         iso = server.isolation
-        if iso.user_namespace:
-            isolation.enter_user_namespace(iso.namespace_flags)
-        elif iso.namespace_flags:
-            isolation.unshare(iso.namespace_flags)
+        isolation.enter_namespaces(iso.namespace_flags, iso.user_namespace)
         pid = os.fork()
         if pid == 0:
             os.close(handoff)

@@ -23,6 +23,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWCGROUP = 0x02000000
+KERNEL_NAMESPACES = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS  # always together
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1,
@@ -81,6 +82,14 @@ def enter_user_namespace(flags: int) -> None:
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+
+
+def enter_namespaces(flags: int, userns: bool) -> None:
+    """The namespaces in `flags`, owned by a user namespace of our own without root."""
+    if userns:
+        enter_user_namespace(flags)
+    elif flags:
+        unshare(flags)
 
 
 class _CapHeader(ctypes.Structure):
@@ -183,7 +192,7 @@ class Isolation:
 
     @property
     def namespace_flags(self) -> int:
-        flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS if self.pid_namespace else 0
+        flags = KERNEL_NAMESPACES if self.pid_namespace else 0
         return flags | (CLONE_NEWNET if self.network_namespace else 0)
 
     def report(self) -> dict[str, Any]:
@@ -192,8 +201,8 @@ class Isolation:
         out["enabled"] = self.enabled
         out["uids"] = f"{self.uids[0]}-{self.uids[1]}" if self.uids else None
         out["cgroups"] = list(self.cgroups)
-        out["fences"] = self.fences
-        out["missing"] = [name for name, held in self.fences.items() if not held]
+        out["fences"] = fences = self.fences
+        out["missing"] = [name for name, held in fences.items() if not held]
         out["level"] = level(out["missing"], self.enabled)
         return out
 
@@ -431,10 +440,7 @@ def _try_in_child(action: Any) -> bool:
 def _namespaces_work(flags: int, userns: bool) -> None:
     """Make the namespaces a kernel gets and mount what its PID 1 mounts (a host may
     allow the one and refuse the other)."""
-    if userns:
-        enter_user_namespace(flags)
-    else:
-        unshare(flags)
+    enter_namespaces(flags, userns)
     pid = os.fork()
     if pid == 0:
         try:
@@ -458,7 +464,7 @@ def probe(
         return Isolation(network_wanted=network), ["isolation is switched off (--isolation off)"], b""
     notes: list[str] = []
     root = os.geteuid() == 0
-    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    flags = KERNEL_NAMESPACES
     if root:
         userns = False
         ns = _try_in_child(lambda: _namespaces_work(flags, False))

@@ -81,6 +81,9 @@ class QuotaFull(Exception):
     """The kernel's working directory has no room left (its disk quota)."""
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # what a write past the disk quota fails with
+
+
 class FileTooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -211,32 +214,29 @@ def write_file(workdir: Directory, name: str, data: bytes) -> FileState:
                 raise UnsafeFile(f"{name!r} exists and is not a regular file")
         # O_NONBLOCK: a FIFO swapped in since the check fails (ENXIO) or opens at once,
         # and is then refused; no O_TRUNC until the file is proven plain.
-        fd = os.open(base, os.O_WRONLY | os.O_CREAT | FILE_FLAGS, 0o644, dir_fd=parent)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # no inode left
-            raise QuotaFull(f"{name!r}: the kernel's working directory is full") from None
-        raise UnsafeFile(f"{name!r}: {exc.strerror}") from None
-    finally:
-        os.close(parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _check(fd, name)
-            os.set_blocking(fd, True)
-            f.truncate(0)
-            f.write(data)
-            f.flush()
-            st = os.fstat(fd)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | FILE_FLAGS, 0o644, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in FULL:  # no inode left
+                raise QuotaFull(f"{name!r}: the kernel's working directory is full") from None
+            raise UnsafeFile(f"{name!r}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                _check(fd, name)
+                os.set_blocking(fd, True)
+                f.truncate(0)
+                f.write(data)
+                f.flush()
+                st = os.fstat(fd)
+        except OSError as exc:
+            if exc.errno not in FULL:
+                raise
             # The kernel's disk quota: what was written so far would only take its room.
             with contextlib.suppress(OSError):
-                parent, base = _open_parent(workdir, name)
-                try:
-                    os.unlink(base, dir_fd=parent)
-                finally:
-                    os.close(parent)
+                os.unlink(base, dir_fd=parent)
             raise QuotaFull(f"{name!r}: the kernel's working directory is full") from None
-        raise
+    finally:
+        os.close(parent)
     return FileState(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
