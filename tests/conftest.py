@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,13 +181,59 @@ async def bystander(connect: ClientFactory) -> AsyncIterator[Bystander]:
     assert not b.misses, b.misses
 
 
-def host_sockets(tops: tuple[str, ...]) -> list[str]:
+SOCKET_DIRS = ("/run", "/var/run", "/tmp", "/dev")  # where a host keeps its AF_UNIX sockets
+
+
+def host_sockets(outside: str) -> list[str]:
+    """Every AF_UNIX socket under SOCKET_DIRS but those under `outside` (a kernel's home,
+    whose sockets are its own)."""
     found = []
-    for top in tops:
+    for top in SOCKET_DIRS:
         for directory, _, names in os.walk(top):
             for name in names:
                 path = os.path.join(directory, name)
                 with contextlib.suppress(OSError):  # gone meanwhile
-                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    if stat.S_ISSOCK(os.lstat(path).st_mode) and not path.startswith(outside + "/"):
                         found.append(path)
-    return found
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def planted_sockets(directories: tuple[str, ...]) -> Iterator[list[str]]:
+    """A listening socket that anyone may connect to in each directory: only a kernel's
+    filesystem view keeps it out."""
+    planted: list[tuple[str, socket.socket]] = []
+    try:
+        for directory in directories:
+            path = os.path.join(directory, f"cellgate-test-{os.getpid()}.sock")
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(path)
+            os.chmod(path, 0o777)
+            sock.listen()
+            planted.append((path, sock))
+        yield [path for path, _ in planted]
+    finally:
+        for path, sock in planted:
+            sock.close()
+            os.unlink(path)
+
+
+def reach_code(paths: list[str]) -> str:
+    """Kernel code that prints the list of `paths` it could connect to."""
+    return (
+        "import socket\nreached = []\n"
+        f"for path in {paths!r}:\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        "    try:\n        s.connect(path); reached.append(path)\n    except OSError:\n        pass\n"
+        "    finally:\n        s.close()\n"
+        "print(reached)\n"
+    )
+
+
+# Kernel code: fill(make) calls make(0), make(1), ... until it fails, and returns how
+# many calls succeeded and the errno name that stopped it.
+FILL = (
+    "import errno\ndef fill(make):\n    n = 0\n    try:\n"
+    "        while n < 100_000:\n            make(n); n += 1\n"
+    "    except OSError as e:\n        return n, errno.errorcode[e.errno]\n"
+)

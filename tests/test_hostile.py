@@ -23,7 +23,7 @@ from gateway.client import Client
 from gateway.config import Config
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
-from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory, host_sockets
+from tests.conftest import Bystander, ClientFactory, Gateway, GatewayFactory, host_sockets, planted_sockets, reach_code
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel isolation needs root")
 
@@ -213,33 +213,13 @@ async def test_the_servers_files_are_not_in_a_kernels_view(connect: ClientFactor
 
 async def test_no_unix_socket_of_the_host_is_reachable(connect: ClientFactory, bystander: Bystander) -> None:
     # A socket of our own in each place a host keeps them, next to whatever the host has.
-    planted, listeners = [], []
-    for directory in ("/run", "/tmp", "/dev/shm"):
-        path = os.path.join(directory, f"cellgate-test-{os.getpid()}.sock")
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(path)
-        os.chmod(path, 0o777)  # anyone may connect: only the kernel's view keeps it out
-        s.listen()
-        planted.append(path)
-        listeners.append(s)
-    try:
+    with planted_sockets(("/run", "/tmp", "/dev/shm")) as planted:
         c = await connect()
         home = os.path.dirname((await c.execute("import os\nprint(os.getcwd())")).stdout.strip())
-        found = sorted(p for p in host_sockets(("/run", "/var/run", "/tmp", "/dev")) if not p.startswith(home + "/"))
-        assert set(planted) <= set(found)  # its own sockets, in its home, are its own business
-        run = await c.execute(
-            "import socket\nreached = []\n"
-            f"for path in {found!r}:\n"
-            "    s = socket.socket(socket.AF_UNIX)\n"
-            "    try:\n        s.connect(path); reached.append(path)\n    except OSError:\n        pass\n"
-            "    finally:\n        s.close()\n"
-            "print(reached)"
-        )
+        found = host_sockets(outside=home)  # its own sockets, in its home, are its own business
+        assert set(planted) <= set(found)
+        run = await c.execute(reach_code(found))
         assert run.stdout == "[]\n"
-    finally:
-        for s, path in zip(listeners, planted, strict=True):
-            s.close()
-            os.unlink(path)
 
 
 def nft_ruleset() -> str:

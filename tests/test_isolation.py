@@ -33,7 +33,7 @@ from kernels.isolation import FENCES
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 from kernels.provisioner import ForkServerError
-from tests.conftest import ClientFactory, Gateway, GatewayFactory, host_sockets
+from tests.conftest import FILL, ClientFactory, Gateway, GatewayFactory, host_sockets, planted_sockets, reach_code
 
 ROOT = os.geteuid() == 0
 UNPRIVILEGED = "nobody"
@@ -107,7 +107,6 @@ def node_env(scratch: Path, port: int) -> dict[str, str]:
 
 
 def free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,44 +217,24 @@ async def test_without_root_the_quota_seccomp_and_the_view_of_sockets_hold(
     unprivileged_node: tuple[str, Path, int],
 ) -> None:
     url, _, _ = unprivileged_node
-    planted = []
-    for directory in ("/run", "/tmp", "/dev/shm") if ROOT else ("/tmp", "/dev/shm"):
-        path = os.path.join(directory, f"cellgate-test-{os.getpid()}.sock")
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(path)
-        os.chmod(path, 0o777)  # anyone may connect: only the kernel's view keeps it out
-        sock.listen()
-        planted.append((path, sock))
-    try:
+    with planted_sockets(("/run", "/tmp", "/dev/shm") if ROOT else ("/tmp", "/dev/shm")) as planted:
         async with Client(url, transports=["websocket"]) as c:
             home = os.path.dirname((await c.execute("import os\nprint(os.getcwd())")).stdout.strip())
-            found = [p for p in host_sockets(("/run", "/var/run", "/tmp", "/dev")) if not p.startswith(home + "/")]
+            found = host_sockets(outside=home)
             run = await c.execute(
-                "import ctypes, errno, os, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                "def fill(make):\n    n = 0\n    try:\n"
-                "        while n < 100_000:\n            make(n); n += 1\n"
-                "    except OSError as e:\n        return n, errno.errorcode[e.errno]\n"
+                FILL + "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                 "print(fill(lambda n: open(f'big{n}', 'wb').write(b'x' * (1 << 20))))\n"
                 "print(fill(lambda n: open(f'f{n}', 'w').close()))\n"
                 "def call(nr):\n    r = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
                 "    return 'ok' if r != -1 else os.strerror(ctypes.get_errno())\n"
                 "print(sorted({call(nr) for nr in (431, 433, 442, 320, 438, 440, 272, 308, 101)}))\n"
-                "reached = []\n"
-                f"for path in {found!r}:\n"
-                "    s = socket.socket(socket.AF_UNIX)\n"
-                "    try:\n        s.connect(path); reached.append(path)\n    except OSError:\n        pass\n"
-                "    finally:\n        s.close()\n"
-                "print(reached)"
+                + reach_code(found)
             )
-        big, small, calls, reached = run.stdout.splitlines()
-        assert eval(big)[1] == "ENOSPC" and eval(big)[0] <= 8  # bytes: the 8 MiB quota
-        assert eval(small)[1] == "ENOSPC" and eval(small)[0] < 2000  # and files
-        assert eval(calls) == ["Operation not permitted"]  # mount API, kexec, pidfd_getfd, unshare, setns, ptrace
-        assert {p for p, _ in planted} <= set(found) and reached == "[]"
-    finally:
-        for path, sock in planted:
-            sock.close()
-            os.unlink(path)
+    big, small, calls, reached = run.stdout.splitlines()
+    assert eval(big)[1] == "ENOSPC" and eval(big)[0] <= 8  # bytes: the 8 MiB quota
+    assert eval(small)[1] == "ENOSPC" and eval(small)[0] < 2000  # and files
+    assert eval(calls) == ["Operation not permitted"]  # mount API, kexec, pidfd_getfd, unshare, setns, ptrace
+    assert set(planted) <= set(found) and reached == "[]"
 
 
 def test_required_refuses_to_start_an_unprivileged_node(unprivileged_python: str, scratch: Path) -> None:
@@ -369,13 +348,8 @@ async def test_a_kernels_disk_is_bounded_in_bytes_and_files_and_uploads_count(
         gw = await start_gateway(kernel_pool=pool, queue_timeout=60.0)
         free = shutil.disk_usage(kernel_root).free
         async with Client(gw.url, transports=["websocket"]) as c:
-            fill = (
-                "import errno, os\ndef fill(make):\n    n = 0\n    try:\n"
-                "        while n < 100_000:\n            make(n); n += 1\n"
-                "    except OSError as e:\n        return n, errno.errorcode[e.errno]\n"
-            )
             run = await c.execute(
-                fill + "print(fill(lambda n: open(f'big{n}', 'wb').write(b'x' * (1 << 20))))\n"
+                FILL + "print(fill(lambda n: open(f'big{n}', 'wb').write(b'x' * (1 << 20))))\n"
                 "print(fill(lambda n: open(f'f{n}', 'w').close()))"
             )
             big, small = (eval(line) for line in run.stdout.splitlines())
