@@ -73,6 +73,7 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     retention = Retention(config, manager.store)
 
     async def start(app: web.Application) -> None:
+        await manager.spool.open()
         if owns_pool:
             await pool.open()
             pool.start()
@@ -86,6 +87,7 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
             await sock.close(wait=False)
         await sio.shutdown()
         await retention.close()
+        await manager.spool.close()  # what is still waiting stays on disk for the next run
         await manager.registry.close()
         await manager.store.close()
         if owns_pool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 PROTOCOL = "cellgate/1"
+KEY_PREFIX = re.compile(r"^[A-Za-z0-9_./-]+$")
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -52,7 +54,18 @@ class Config:
     service_timeout: float = _setting(30.0, "seconds a POST /service run may take")
     replay_limit: int = _setting(10000, "events kept per session for replay")
     replay_bytes: int = _setting(32 * MiB, "bytes of events kept per session for replay")
-    store_dir: str = _setting("cellgate-data", "directory of the local blob store")
+    store_dir: str = _setting("cellgate-data", "directory of the local blob store (without --s3-bucket)")
+    s3_bucket: str = _setting("", "S3 bucket for files and permalinks (default: the local --store-dir)")
+    s3_prefix: str = _setting("cellgate", "key prefix in the S3 bucket")
+    s3_endpoint_url: str = _setting("", "S3 API endpoint, for an S3-compatible server (default: AWS)")
+    s3_region: str = _setting("", "S3 region (default: the AWS configuration's)")
+    file_delivery: str = _setting(
+        "redirect", "how file links answer from S3: redirect (to a presigned URL) or proxy (the gateway sends them)"
+    )
+    presign_expiry: float = _setting(300.0, "seconds a presigned file URL stays valid")
+    store_timeout: float = _setting(10.0, "seconds one blob store call may take before it counts as failed")
+    spool_dir: str = _setting("", "where files wait until the store has them (default: <store-dir>/spool)")
+    spool_size: int = _setting(1 * GiB, "bytes the spool may hold; past it a file gets store_failed")
     file_retention: float = _setting(7 * 86400.0, "seconds a stored file is kept (0: forever)")
     permalink_retention: float = _setting(0.0, "seconds a permalink is kept (0: forever)")
     workdir_root: str = _setting("", "where kernel working directories are made (default: a fresh one per node)")
@@ -95,6 +108,10 @@ class Config:
     def uid_range(self) -> tuple[int, int]:
         low, _, high = self.kernel_uids.partition("-")
         return int(low), int(high or low)
+
+    @property
+    def spool_path(self) -> str:
+        return self.spool_dir or os.path.join(self.store_dir, "spool")
 
     @property
     def transport_limit(self) -> int:
@@ -165,13 +182,21 @@ def validate(config: Config) -> None:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
     positive = ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port")
     positive += ("execution_timeout", "kernel_address_space", "kernel_open_files", "session_output_cap")
-    positive += ("kernel_message_limit", "client_buffer")
+    positive += ("kernel_message_limit", "client_buffer", "store_timeout", "spool_size")
     for name in positive:
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
             problems.append(f"--{name.replace('_', '-')} must be positive")
     # A resume pushes the whole replay log at once, and one more message may follow.
     if config.client_buffer < config.replay_bytes + 2 * config.kernel_message_limit:
         problems.append("--client-buffer must be at least --replay-bytes plus twice --kernel-message-limit")
+    if config.file_delivery not in ("redirect", "proxy"):
+        problems.append("--file-delivery must be redirect or proxy")
+    if not 1 <= config.presign_expiry <= 7 * 86400:
+        problems.append("--presign-expiry must be between 1 s and 7 days (S3's longest)")
+    if config.s3_prefix and not KEY_PREFIX.match(config.s3_prefix):
+        problems.append("--s3-prefix may hold only letters, digits and _ . - /")
+    if config.spool_size < config.file_cap:
+        problems.append("--spool-size must hold at least one file of --file-cap")
     if config.isolation not in ("auto", "required", "off"):
         problems.append("--isolation must be auto, required or off")
     if config.isolation == "required" and not config.fork_server:

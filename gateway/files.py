@@ -1,8 +1,9 @@
-"""Reporting the files an execution wrote: find them, store them, say where they are.
+"""Reporting the files an execution wrote: find them, spool them, store them, say where.
 
 One `FileReporter` per session. It remembers what the kernel's working directory
 held after the last report, so each report lists only new or changed files, and it
-keeps the session's stored bytes under its cap.
+keeps the session's stored bytes under its cap. A file the store does not take at
+once waits in the spool (gateway/spool.py), and a later `files` event announces it.
 """
 
 from __future__ import annotations
@@ -15,38 +16,35 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import tenacity
-
 from gateway.config import Config
 from gateway.metrics import Metrics
-from gateway.stores import BlobStore
+from gateway.spool import Spool, SpoolFull
 from kernels import workdir
 
 log = logging.getLogger(__name__)
 
-STORE_RETRIES = 6  # about 15 s of backoff before a file is given up
 SAFE_KEY = re.compile(r"[^A-Za-z0-9_.-]")
+NOT_YET = "not stored yet: it waits on the server and a later files event carries its URL"
 
 Publish = Callable[[str, dict[str, Any]], None]
-Spawn = Callable[[Any], Any]
 
 
 class FileReporter:
     def __init__(
         self,
         config: Config,
-        store: BlobStore,
+        spool: Spool,
         file_url: Callable[[str], str],
         metrics: Metrics,
         publish: Publish,
-        spawn: Spawn,
+        session_id: str,
     ) -> None:
         self.config = config
-        self.store = store
+        self.spool = spool
         self.file_url = file_url
         self.metrics = metrics
         self.publish = publish
-        self.spawn = spawn
+        self.session_id = session_id
         self.stored_bytes = 0
         self._known: dict[str, workdir.FileState] = {}
         self._lock = asyncio.Lock()
@@ -94,34 +92,18 @@ class FileReporter:
             return entry
         entry["size"] = len(data)
         key = f"files/{secrets.token_urlsafe(16)}/{SAFE_KEY.sub('_', name.rsplit('/', 1)[-1]) or 'file'}"
-        self.stored_bytes += len(data)  # reserved now, so retries cannot overshoot the cap
+        note = {"kind": "file", "session": self.session_id, "msg_id": msg_id, "entry": dict(entry)}
         try:
-            await self.store.put(key, data, mime)
-        except Exception as exc:
-            log.warning("storing %s failed, will retry: %s", name, exc)
-            entry["error"] = {"code": "store_failed", "message": "the file could not be stored yet; retrying"}
-            self.spawn(self._store_later(msg_id, key, data, dict(entry)))
+            stored = await self.spool.put(key, data, mime, note)
+        except SpoolFull as exc:
+            log.warning("not storing %s: %s", name, exc)
+            entry["error"] = {"code": "store_failed", "message": "not stored: the server's spool is full"}
+            self.metrics.errors.labels("store_failed").inc()
             return entry
-        entry["url"] = self.file_url(key)
+        self.stored_bytes += len(data)
+        if stored:
+            entry["url"] = self.file_url(key)
+        else:
+            entry["error"] = {"code": "store_failed", "message": NOT_YET}
+            self.metrics.errors.labels("store_failed").inc()
         return entry
-
-    async def _store_later(self, msg_id: str, key: str, data: bytes, entry: dict[str, Any]) -> None:
-        """Retry a failed store with backoff; a later `files` event carries the URL."""
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(STORE_RETRIES),
-            wait=tenacity.wait_exponential(multiplier=0.5, max=10),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await self.store.put(key, data, entry["mime"])
-        except Exception as exc:
-            self.stored_bytes -= len(data)
-            log.error("storing %s failed for good: %s", entry["name"], exc)
-            message = f"{entry['name']} could not be stored"
-            self.publish("error", {"code": "store_failed", "message": message, "msg_id": msg_id})
-            return
-        entry.pop("error", None)
-        entry["url"] = self.file_url(key)
-        self.publish("files", {"msg_id": msg_id, "files": [entry]})

@@ -31,6 +31,11 @@ class Metrics:
         self.slow_clients = Counter(
             "cellgate_slow_clients_total", "Clients disconnected for reading too slowly", registry=r
         )
+        self.spool_bytes = Gauge("cellgate_spool_bytes", "Bytes waiting in the spool for the blob store", registry=r)
+        self.spool_items = Gauge("cellgate_spool_items", "Blobs waiting in the spool for the blob store", registry=r)
+        self.store_failures = Counter(
+            "cellgate_store_failures_total", "Blob store writes that failed (each is retried)", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -92,7 +92,11 @@ def openapi(config: Config) -> dict[str, Any]:
                 "post": {
                     "summary": "Store code; the same language and code always give the same id",
                     "requestBody": {"required": True, "content": {"application/json": {"schema": code_body}}},
-                    "responses": {"201": _json(permalink, "stored"), **_errors(400, 413)},
+                    "responses": {
+                        "201": _json(permalink, "stored"),
+                        "202": _json(permalink, "kept by the server until the store takes it; opens once stored"),
+                        **_errors(400, 413, 503),
+                    },
                 }
             },
             "/permalink/{id}": {
@@ -142,12 +146,16 @@ def openapi(config: Config) -> dict[str, Any]:
             },
             "/files/{token}/{name}": {
                 "get": {
-                    "summary": "A file a kernel wrote (local store)",
+                    "summary": "A file a kernel wrote: its bytes, or a redirect to a freshly presigned S3 URL",
                     "parameters": [
                         {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}},
                         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
                     ],
-                    "responses": {"200": {"description": "the exact bytes"}, **_errors(404)},
+                    "responses": {
+                        "200": {"description": "the exact bytes (local store, or --file-delivery proxy)"},
+                        "302": {"description": "to a presigned URL valid for --presign-expiry seconds (S3)"},
+                        **_errors(404, 503),
+                    },
                 }
             },
             "/": {"get": {"summary": "Demo page", "responses": {"200": {"description": "HTML"}}}},

@@ -30,7 +30,9 @@ class Retention:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self.rules:
+        # A store that cannot list (S3 without ListBucket) expires by its own rules;
+        # reads past the retention answer not_found either way.
+        if self.rules and self.store.sweeps:
             self._task = asyncio.create_task(self._run())
 
     async def sweep(self) -> int:

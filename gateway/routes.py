@@ -6,6 +6,7 @@ import html
 import json
 import logging
 import os
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,10 +20,14 @@ from gateway.errors import CellgateError
 from gateway.messages import check_filename
 from gateway.openapi import openapi
 from gateway.sessions import SessionManager
+from gateway.spool import SpoolFull
+from gateway.stores import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
+# Types a browser would run as active content: served as downloads, never inline.
+ACTIVE = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/javascript", "application/javascript"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -86,6 +91,10 @@ async def health(request: web.Request) -> web.Response:
         "max_kernels": manager.pool.max_kernels,
         "sessions": len(manager.sessions),
         "isolation": manager.pool.isolation(),
+        "store": {
+            "backend": "s3" if manager.config.s3_bucket else "local",
+            "spool": {"items": manager.spool.pending, "bytes": manager.spool.used},
+        },
     }
     if not ok:
         body["error"] = {"code": "no_kernel", "message": manager.pool.last_error or "kernels cannot start"}
@@ -137,8 +146,12 @@ async def create_permalink(request: web.Request) -> web.Response:
     language = body.get("language", "python")
     if not isinstance(language, str) or not language or len(language) > 64:
         raise CellgateError("bad_message", "'language' must be a short string")
-    pid = await manager.permalinks.save(_code(body), language)
-    return web.json_response({"id": pid, "url": manager.permalinks.url(pid)}, status=201)
+    try:
+        pid, stored = await manager.permalinks.save(_code(body), language)
+    except SpoolFull as exc:
+        raise CellgateError("store_failed", f"the permalink could not be kept: {exc}") from None
+    # 202: the store is down, the spool holds it, and it opens once stored.
+    return web.json_response({"id": pid, "url": manager.permalinks.url(pid)}, status=201 if stored else 202)
 
 
 async def _load_permalink(request: web.Request) -> dict[str, Any]:
@@ -209,16 +222,33 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "files": stored})
 
 
-async def get_file(request: web.Request) -> web.Response:
-    token, name = request.match_info["token"], request.match_info["name"]
-    blob = await manager_of(request).store.get(f"files/{token}/{name}")
+async def get_file(request: web.Request) -> web.StreamResponse:
+    manager = manager_of(request)
+    config = manager.config
+    name = request.match_info["name"]
+    key = f"files/{request.match_info['token']}/{name}"
+    store = manager.store
+    try:
+        info = await store.head(key)
+        if info is None or (config.file_retention and info.modified < time.time() - config.file_retention):
+            raise CellgateError("not_found", "no such file (it may have expired)")
+        content_type = info.content_type.split(";")[0].strip().lower()
+        attachment = content_type in ACTIVE or content_type.endswith(("+xml", "/xml"))
+        if config.file_delivery == "redirect":
+            # Signed now, for this request: links in events and replays never go stale.
+            url = await store.presign(key, info, name, attachment, config.presign_expiry)
+            if url is not None:
+                raise web.HTTPFound(url, headers={"Cache-Control": "no-store"})
+        blob = await store.get(key)
+    except StoreUnavailable as exc:
+        log.warning("serving %s failed: %s", key, exc)
+        raise CellgateError("store_failed", "the file store is unavailable; try again shortly") from None
     if blob is None:
-        raise CellgateError("not_found", "no such file")
-    return web.Response(
-        body=blob.data,
-        content_type=blob.content_type.split(";")[0],
-        headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
-    )
+        raise CellgateError("not_found", "no such file (it may have expired)")
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+    if attachment:
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return web.Response(body=blob.data, content_type=content_type, headers=headers)
 
 
 async def openapi_doc(request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway.errors import CellgateError
 from gateway.files import FileReporter
 from gateway.registry import SessionRecord
+from gateway.spool import SpoolFull
 from kernels import workdir
 from kernels.kernel import Incoming, Kernel, KernelBusy
 from kernels.pool import PoolExhausted
@@ -110,7 +111,7 @@ class Session:
         self._spin_told: float | None = None
         self._last_msg_id: str | None = None
         self.files = FileReporter(
-            self.config, manager.store, manager.file_url, manager.metrics, self.publish, self._spawn
+            self.config, manager.spool, manager.file_url, manager.metrics, self.publish, record.id
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reports: set[asyncio.Future[Any]] = set()
@@ -510,11 +511,16 @@ class Session:
             await self.files.report(kernel.workdir, msg_id)
 
     async def _permalink(self, msg_id: str, code: str) -> None:
+        language = self.manager.language(self.record.kernel_name)
         try:
-            pid = await self.manager.permalinks.save(code, self.manager.language(self.record.kernel_name))
-        except Exception:
-            log.warning("session %s: storing a permalink failed", self.id, exc_info=True)
+            pid, stored = await self.manager.permalinks.save(code, language, {"session": self.id, "msg_id": msg_id})
+        except SpoolFull as exc:
+            log.warning("session %s: no permalink: %s", self.id, exc)
             return
+        if stored:  # else the spool announces it once stored
+            self.announce_permalink(msg_id, pid)
+
+    def announce_permalink(self, msg_id: str, pid: str) -> None:
         self.publish("permalink", {"msg_id": msg_id, "id": pid, "url": self.manager.permalinks.url(pid)})
 
     async def settle(self) -> None:

@@ -17,6 +17,7 @@ from gateway.permalinks import Permalinks
 from gateway.registry import SessionRecord, SessionRegistry
 from gateway.registry.base import new_token, token_digest
 from gateway.session import Session
+from gateway.spool import Item, Spool
 from gateway.stores import BlobStore
 from kernels.pool import KernelPool
 
@@ -38,7 +39,10 @@ class SessionManager:
         self.store = store
         self.metrics = metrics
         self.base_url = config.public_url.rstrip("/")
-        self.permalinks = Permalinks(store, self.base_url)
+        self.spool = Spool(
+            config.spool_path, config.spool_size, store, metrics, self._stored_late, give_up_after=config.file_retention
+        )
+        self.permalinks = Permalinks(store, self.spool, self.base_url, config.permalink_retention)
         self.sessions: dict[str, Session] = {}
         self._languages: dict[str, str] = {}
         self._open_lock = asyncio.Lock()
@@ -52,7 +56,28 @@ class SessionManager:
         return self._languages[kernel_name]
 
     def file_url(self, key: str) -> str:
-        return self.store.url(key) or f"{self.base_url}/{key}"
+        """A stable gateway URL: it answers with the bytes or a freshly presigned link,
+        so what the replay log holds never expires before the file does."""
+        return f"{self.base_url}/{key}"
+
+    def _stored_late(self, item: Item, stored: bool) -> None:
+        """The spool stored (or gave up on) something the store did not take at once:
+        tell the session that wrote it, if it is still here."""
+        note = item.note
+        session = self.sessions.get(note.get("session", ""))
+        if session is None or session.ended:
+            return  # stored all the same: its link works for whoever was told it
+        msg_id = note.get("msg_id")
+        if note.get("kind") == "permalink":
+            if stored:
+                session.announce_permalink(msg_id, note["id"])
+        elif stored:
+            entry = {**note["entry"], "url": self.file_url(item.key)}
+            entry.pop("error", None)
+            session.publish("files", {"msg_id": msg_id, "files": [entry]})
+        else:
+            message = f"{note['entry']['name']} could not be stored"
+            session.publish("error", {"code": "store_failed", "message": message, "msg_id": msg_id})
 
     async def open(self, client: str, kernel_name: str | None = None, logged: bool = True) -> tuple[Session, str]:
         """A new session and its resume token (the only time the token is seen)."""

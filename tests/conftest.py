@@ -27,6 +27,7 @@ from gateway.config import Config
 from gateway.sessions import SessionManager
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
+from tests.s3server import S3Server, s3_server
 
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
 
@@ -237,3 +238,29 @@ FILL = (
     "        while n < 100_000:\n            make(n); n += 1\n"
     "    except OSError as e:\n        return n, errno.errorcode[e.errno]\n"
 )
+
+
+# Real-looking credentials: the S3 tests also check that kernels never see them.
+AWS_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIA" + "7QX2LRMZ5N3KD4WE",
+    "AWS_SECRET_ACCESS_KEY": "c3Gx9vL2mQ8rT5yW1zB7nK4pJ6hF0dS" + "aE3uI9oPq",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance metadata service
+}
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server for the whole run, with one bucket; the gateways started by the
+    tests find its credentials in the environment, as a deployment's would."""
+    saved = {name: os.environ.get(name) for name in AWS_CREDENTIALS}
+    os.environ.update(AWS_CREDENTIALS)
+    try:
+        with s3_server() as server:
+            server.client().create_bucket(Bucket=server.bucket)
+            yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

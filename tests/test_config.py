@@ -50,3 +50,19 @@ def test_the_client_buffer_holds_a_whole_replay() -> None:
     with pytest.raises(SystemExit, match="client-buffer"):
         parse(["--client-buffer", str(32 << 20)], environ={})
     assert parse(["--client-buffer", str(48 << 20), "--replay-bytes", str(16 << 20)], environ={}).client_buffer
+
+
+def test_store_settings_are_checked() -> None:
+    env = {"CELLGATE_S3_BUCKET": "cells", "CELLGATE_S3_ENDPOINT_URL": "http://127.0.0.1:9"}
+    c = parse([], environ=env)
+    assert (c.s3_bucket, c.s3_prefix, c.file_delivery, c.presign_expiry) == ("cells", "cellgate", "redirect", 300.0)
+    assert c.spool_path.endswith("cellgate-data/spool")
+    for flags, complaint in (
+        (["--file-delivery", "inline"], "file-delivery"),
+        (["--presign-expiry", "0"], "presign-expiry"),
+        (["--presign-expiry", str(8 * 86400)], "presign-expiry"),
+        (["--s3-prefix", "a b"], "s3-prefix"),
+        (["--spool-size", "1000"], "spool-size"),
+    ):
+        with pytest.raises(SystemExit, match=complaint):
+            parse(flags, environ=env)

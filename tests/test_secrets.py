@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from gateway.client import Client
 from gateway.config import Config
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
-from tests.conftest import ClientFactory, Gateway, GatewayFactory
+from tests.conftest import AWS_CREDENTIALS, ClientFactory, Gateway, GatewayFactory
+from tests.s3server import S3Server
 
 SECRETS = {
     "CELLGATE_REDIS": "redis://:hunter2@10.0.0.1",
@@ -79,3 +81,81 @@ async def test_logs_never_contain_tokens_or_keys(
     text = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert c.token not in text
     assert key not in text
+
+
+# Kernel code: look for NEEDLES in its environment, in every process it can see, and in
+# every file it can read outside the system's own trees; print what it read and found.
+SEARCH = """
+import json, os
+needles, paths = NEEDLES, PATHS
+found, read = [], 0
+def look(where, data):
+    global read
+    read += 1
+    for n in needles:
+        if n.encode() in data:
+            found.append((where, n))
+look('os.environ', repr(dict(os.environ)).encode())
+for pid in filter(str.isdigit, os.listdir('/proc')):
+    for part in ('environ', 'cmdline'):
+        try:
+            look(f'/proc/{pid}/{part}', open(f'/proc/{pid}/{part}', 'rb').read())
+        except OSError:
+            pass
+tops = [os.path.expanduser('~'), os.getcwd(), '/tmp', '/var/tmp', '/dev/shm', '/etc', '/run', '/root', '/home',
+        '/opt', '/srv', '/mnt', '/var', '/work']
+for top in tops:
+    for directory, dirs, names in os.walk(top):
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                if os.path.isfile(path) and os.path.getsize(path) < 1 << 20:
+                    look(path, open(path, 'rb').read())
+            except OSError:
+                pass
+opened = []
+for path in paths:
+    try:
+        os.listdir(path) if os.path.isdir(path) else open(path, 'rb').read()
+        opened.append(path)
+    except OSError:
+        pass
+print(json.dumps({'found': found, 'read': read, 'opened': opened}))
+"""
+
+
+async def test_a_kernel_finds_no_credential_of_an_s3_node(
+    start_gateway: GatewayFactory, s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A node as deployed: S3 keys in its environment (the s3 fixture's), a shared
+    # credentials file, its settings and a server secret in the environment too.
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text("[other]\naws_access_key_id = AKIAFILEKEY0000\naws_secret_access_key = fIlEsEcReT0042\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("CELLGATE_S3_ENDPOINT_URL", s3.url)
+    monkeypatch.setenv("MY_API_TOKEN", SECRETS["MY_API_TOKEN"])
+    needles = [
+        AWS_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        AWS_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "AKIAFILEKEY0000",
+        "fIlEsEcReT0042",
+        SECRETS["MY_API_TOKEN"],
+    ]
+    fork_server = create_fork_server(Config(workdir_root=str(tmp_path / "kernels")))
+    pool = KernelPool({"python3": KernelSpec(workdir_root=str(tmp_path / "kernels"), fork_server=fork_server)}, size=0)
+    await pool.open()
+    try:
+        store_dir = tmp_path / "data"
+        gw = await start_gateway(kernel_pool=pool, store_dir=str(store_dir), **s3.settings())
+        async with Client(gw.url, transports=["websocket"], timeout=60) as c:
+            paths = [str(credentials), str(store_dir), str(store_dir / "spool")]
+            code = SEARCH.replace("NEEDLES", repr(needles)).replace("PATHS", repr(paths))
+            run = await c.execute(code + "open('proof.txt', 'w').write('stored')", timeout=60)
+            report = json.loads(run.stdout)
+            (stored,) = await c.wait_files(run)
+            await c.shutdown()
+        assert report["read"] > 20, report  # it did look
+        assert report["found"] == [] and report["opened"] == []
+        assert stored["url"] and s3.objects(gw.config.s3_prefix + "/files")  # and the node did use S3
+    finally:
+        await pool.close()

@@ -1,4 +1,4 @@
-"""The blob store interface: put bytes under a key, get them back, say where they live."""
+"""The blob store interface: put bytes under a key, read them back, say who serves them."""
 
 from __future__ import annotations
 
@@ -11,24 +11,44 @@ KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
 
 
 @dataclass(frozen=True)
-class Blob:
-    data: bytes
+class BlobInfo:
     content_type: str
+    size: int
+    modified: float  # UNIX time of the last write
+
+
+@dataclass(frozen=True)
+class Blob(BlobInfo):
+    data: bytes
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer (unreachable, slow, refused): try again later."""
 
 
 class BlobStore(ABC):
-    """What a backend must do. Keys look like `files/<token>/<name>`."""
+    """What a backend must do. Keys look like `files/<token>/<name>` or `permalinks/<id>`.
+
+    A missing key is None, never an error; any other failure raises StoreUnavailable.
+    """
+
+    sweeps: bool = True  # expire() removes old blobs (False: the store's own rules do)
 
     @abstractmethod
     async def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
     @abstractmethod
-    async def get(self, key: str) -> Blob | None:
-        """The blob, or None if there is none under that key."""
+    async def head(self, key: str) -> BlobInfo | None:
+        """What is stored under `key`, without its bytes."""
 
     @abstractmethod
-    def url(self, key: str) -> str | None:
-        """Where a client fetches the blob directly, or None if the gateway serves it."""
+    async def get(self, key: str) -> Blob | None: ...
+
+    async def presign(self, key: str, info: BlobInfo, filename: str, attachment: bool, expires: float) -> str | None:
+        """A URL a browser fetches the blob from directly, valid for `expires` seconds,
+        answering with `info.content_type` (and as a download if `attachment`); None
+        when the gateway serves the bytes itself."""
+        return None
 
     @abstractmethod
     async def expire(self, prefix: str, before: float) -> int:

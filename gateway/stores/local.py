@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 
-from gateway.stores.base import Blob, BlobStore, check_key
+from gateway.stores.base import Blob, BlobInfo, BlobStore, StoreUnavailable, check_key
 
 
 class LocalStore(BlobStore):
@@ -20,7 +20,11 @@ class LocalStore(BlobStore):
         return os.path.join(self.root, *check_key(key).split("/"))
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await asyncio.to_thread(self._put, self._path(key), data, content_type)
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(self._put, path, data, content_type)
+        except OSError as exc:
+            raise StoreUnavailable(f"the store directory cannot be written: {exc}") from exc
 
     @staticmethod
     def _put(path: str, data: bytes, content_type: str) -> None:
@@ -28,30 +32,43 @@ class LocalStore(BlobStore):
         # Write then rename, so a reader never sees half a file.
         for target, body in ((path + ".meta", json.dumps({"type": content_type}).encode()), (path, data)):
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    async def head(self, key: str) -> BlobInfo | None:
+        blob = await self._read(key, with_data=False)
+        return BlobInfo(blob.content_type, blob.size, blob.modified) if blob else None
 
     async def get(self, key: str) -> Blob | None:
+        return await self._read(key, with_data=True)
+
+    async def _read(self, key: str, with_data: bool) -> Blob | None:
         try:
             path = self._path(key)
         except ValueError:
             return None
-        return await asyncio.to_thread(self._get, path)
+        try:
+            return await asyncio.to_thread(self._get, path, with_data)
+        except OSError as exc:
+            raise StoreUnavailable(f"the store directory cannot be read: {exc}") from exc
 
     @staticmethod
-    def _get(path: str) -> Blob | None:
+    def _get(path: str, with_data: bool) -> Blob | None:
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                st = os.fstat(f.fileno())
+                data = f.read() if with_data else b""
             with open(path + ".meta", "rb") as f:
                 meta = json.loads(f.read())
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
-        return Blob(data, meta.get("type", "application/octet-stream"))
-
-    def url(self, key: str) -> str | None:
-        return None
+        return Blob(meta.get("type", "application/octet-stream"), st.st_size, st.st_mtime, data)
 
     async def expire(self, prefix: str, before: float) -> int:
         return await asyncio.to_thread(self._expire, os.path.join(self.root, check_key(prefix)), before)
