@@ -83,6 +83,34 @@ async def test_files_open_on_every_node_and_permalinks_after_a_restart(
         assert r.status == 200 and "print(&#x27;ran&#x27;)" in await r.text()
 
 
+async def test_caps_links_and_retention_hold_on_either_store(
+    start_gateway: GatewayFactory, store_settings: dict[str, Any], http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    secret = tmp_path / "server-only.txt"
+    secret.write_text("server secret")
+    gw = await start_gateway(file_cap=1000, session_file_cap=1500, file_retention=2, **store_settings)
+    async with Client(gw.url) as c:
+        run = await c.execute(
+            f"import os\nos.symlink({str(secret)!r}, 'leak.txt')\n"
+            "open('big.bin', 'wb').write(b'x' * 2000)\nopen('small.bin', 'wb').write(b'y' * 900)"
+        )
+        files = {f["name"]: f for f in await c.wait_files(run)}
+        permalink = await c.wait_event("permalink", msg_id=run.msg_id)
+        more = await c.execute("open('more.bin', 'wb').write(b'z' * 900)")  # 1,800 > the session's 1,500
+        (over,) = await c.wait_files(more)
+        await c.shutdown()
+    assert set(files) == {"big.bin", "small.bin"}  # the planted link is not followed
+    assert files["big.bin"]["url"] is None and files["big.bin"]["error"]["code"] == "file_too_large"
+    assert over["url"] is None and over["error"]["code"] == "file_too_large"
+    status, body, _ = await fetch(http, gw, files["small.bin"]["url"])
+    assert (status, body) == (200, b"y" * 900)
+    await asyncio.sleep(3.1)  # past the retention (S3 keeps whole seconds)
+    status, body, _ = await fetch(http, gw, files["small.bin"]["url"])
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    async with http.get(gw.url + permalink["url"]) as r:
+        assert r.status == 200  # permalinks are kept unless configured otherwise
+
+
 async def test_a_late_resume_gets_links_that_still_work(
     start_gateway: GatewayFactory, store_settings: dict[str, Any], http: aiohttp.ClientSession
 ) -> None:
