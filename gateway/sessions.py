@@ -45,7 +45,6 @@ class SessionManager:
         self.permalinks = Permalinks(store, self.spool, self.base_url, config.permalink_retention)
         self.sessions: dict[str, Session] = {}
         self._languages: dict[str, str] = {}
-        self._open_lock = asyncio.Lock()
 
     def language(self, kernel_name: str) -> str:
         if kernel_name not in self._languages:
@@ -84,22 +83,19 @@ class SessionManager:
         name = kernel_name or self.config.default_kernel
         if not isinstance(name, str) or name not in self.config.allowed_kernels:
             raise CellgateError("no_kernel", f"no kernel named {name!r}; this node offers {self.config.kernels}")
-        async with self._open_lock:  # count and create as one step
-            if await self.registry.count_client(client) >= self.config.sessions_per_client:
-                raise CellgateError(
-                    "capacity_client",
-                    f"{self.config.sessions_per_client} sessions are already open from your address",
-                )
-            token = new_token()
-            record = SessionRecord(
-                id=uuid.uuid4().hex,
-                token_digest=token_digest(token),
-                epoch=secrets.token_hex(8),
-                kernel_name=name,
-                client=client,
-                created=time.time(),
+        token = new_token()
+        record = SessionRecord(
+            id=uuid.uuid4().hex,
+            token_digest=token_digest(token),
+            epoch=secrets.token_hex(8),
+            kernel_name=name,
+            client=client,
+            created=time.time(),
+        )
+        if not await self.registry.create(record, per_client=self.config.sessions_per_client):
+            raise CellgateError(
+                "capacity_client", f"{self.config.sessions_per_client} sessions are already open from your address"
             )
-            await self.registry.create(record)
         session = Session(self, record, logged=logged)
         self.sessions[record.id] = session
         return session, token

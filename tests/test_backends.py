@@ -79,6 +79,20 @@ async def test_registry_counts_clients_and_deletes(registry: SessionRegistry) ->
     assert await registry.find(a) is None and await registry.get(a[:8]) is None
 
 
+async def test_registry_limits_sessions_per_client_atomically(registry: SessionRegistry) -> None:
+    # Ten opens at once from one address, limit three: exactly three get in.
+    tokens = [new_token() for _ in range(10)]
+    made = await asyncio.gather(*(registry.create(record(t, client="5.6.7.8"), per_client=3) for t in tokens))
+    assert sorted(made) == [False] * 7 + [True] * 3
+    assert await registry.count_client("5.6.7.8") == 3
+    refused = [t for t, ok in zip(tokens, made, strict=True) if not ok]
+    assert all([await registry.find(t) is None for t in refused])
+    assert await registry.create(record(new_token(), client="9.9.9.9"), per_client=3)  # another address
+    kept = next(t for t, ok in zip(tokens, made, strict=True) if ok)
+    await registry.delete(kept[:8])
+    assert await registry.create(record(new_token(), client="5.6.7.8"), per_client=3)  # a place came free
+
+
 async def test_registry_update(registry: SessionRegistry) -> None:
     token = new_token()
     rec = record(token)

@@ -52,7 +52,11 @@ class LogRead:
 
 class SessionRegistry(ABC):
     @abstractmethod
-    async def create(self, record: SessionRecord) -> None: ...
+    async def create(self, record: SessionRecord, per_client: int | None = None) -> bool:
+        """Add a session. With `per_client`, only if fewer than that many live sessions
+        come from its client address: the count and the add are one atomic step, so
+        sessions opened at once, on any node, cannot pass the limit together. False
+        when refused."""
 
     @abstractmethod
     async def get(self, session_id: str) -> SessionRecord | None: ...

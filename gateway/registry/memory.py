@@ -21,13 +21,17 @@ class MemoryRegistry(SessionRegistry):
         self._last: dict[str, int] = {}
         self._clients: Counter[str] = Counter()
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord, per_client: int | None = None) -> bool:
+        # No await between the count and the add: atomic within the event loop.
+        if per_client is not None and self._clients[record.client] >= per_client:
+            return False
         self._records[record.id] = dataclasses.replace(record)
         self._by_token[record.token_digest] = record.id
         self._logs[record.id] = deque()
         self._last[record.id] = 0
         self._bytes[record.id] = 0
         self._clients[record.client] += 1
+        return True
 
     async def get(self, session_id: str) -> SessionRecord | None:
         record = self._records.get(session_id)
