@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import CellgateError
@@ -44,6 +45,15 @@ OVERRUN_GRACE = 5.0  # seconds an interrupted kernel has to stop before it is ki
 SHUTDOWN_GRACE = 10.0  # seconds a kernel has to answer a shutdown_request or exit
 SPINNING = 0.5  # CPU share that counts as running code while nothing is outstanding
 EXPECTED_TRACKED = 1024  # requests whose lifecycle messages are still expected
+
+
+class Life(IntEnum):
+    """A session's life, in order: each state holds every restriction of those before."""
+
+    OPEN = 0
+    ENDING = 1  # a shutdown_request is under way: no new work is accepted
+    CLOSING = 2  # end() has begun: the last events are going out
+    ENDED = 3  # forgotten: nothing more is published
 
 
 class Sink(Protocol):
@@ -93,10 +103,8 @@ class Session:
         self.created = time.monotonic()
         self.last_activity = self.created  # of the client: the kernel's messages do not count
         self.disconnected_at: float | None = self.created
-        self.ended = False
-        self._ending = False  # no new work accepted
+        self.life = Life.OPEN
         self._unanswered_shutdown: dict[str, Any] | None = None  # a shutdown_request's header, until its reply
-        self._closing = False  # end() has begun
         self._seq = 0  # used only when not logged
         self._outbox: asyncio.Queue[tuple[str, Any, int]] = asyncio.Queue()
         self.outbox_bytes = 0
@@ -227,6 +235,10 @@ class Session:
 
     # -- messages to the kernel -------------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        return self.life is Life.ENDED
+
     def touch(self) -> None:
         """The client did something: idleness counts from here, and output between
         requests gets a fresh budget."""
@@ -237,7 +249,7 @@ class Session:
     async def to_kernel(self, channel: str, msg: dict[str, Any]) -> None:
         """Queue a validated message for the kernel, attaching one if the session needs it."""
         msg_id, msg_type = msg["header"]["msg_id"], msg["header"]["msg_type"]
-        if self.ended or self._ending:
+        if self.life >= Life.ENDING:
             raise CellgateError("kernel_dead", "this session has ended", msg_id=msg_id)
         self.touch()
         async with self._send_lock:  # FIFO: messages reach the kernel in the order sent
@@ -290,7 +302,7 @@ class Session:
             kernel = await self.manager.pool.acquire(self.record.kernel_name, self.config.queue_timeout)
         except PoolExhausted as exc:
             raise CellgateError("capacity_node", f"no kernel available: {exc}") from None
-        if self.ended or self._ending:
+        if self.life >= Life.ENDING:
             await self.manager.pool.release(kernel)
             raise CellgateError("kernel_dead", "this session has ended")
         self.kernel = kernel
@@ -307,7 +319,7 @@ class Session:
         return kernel
 
     def _shutdown_requested(self, msg: dict[str, Any]) -> None:
-        self._ending = True
+        self.life = max(self.life, Life.ENDING)
         self._unanswered_shutdown = msg["header"]
         kernel = self.kernel
         if kernel is not None and kernel.alive:
@@ -377,7 +389,7 @@ class Session:
         if self._queue and parent == self._queue[0].msg_id and msg_type == "status":
             if msg["content"].get("execution_state") == "idle":
                 self._finished(self._queue.popleft())
-        if channel == "control" and msg_type == "shutdown_reply" and self._ending:
+        if channel == "control" and msg_type == "shutdown_reply" and self.life >= Life.ENDING:
             self._unanswered_shutdown = None
             self._spawn(self.end("shutdown", "requested"))
 
@@ -492,7 +504,7 @@ class Session:
         self._expected.clear()
         self._cpu_mark = self._spin_since = self._spin_told = None
         self.kernel = None
-        if self._ending and not self.ended:
+        if Life.ENDING <= self.life < Life.ENDED:
             # It exited as asked, and whatever it said has been relayed: the session ends
             # once its kernel is reclaimed, as it does when it ends the kernel itself.
             self._spawn(self._end_after(self.manager.pool.release(kernel)))
@@ -548,9 +560,9 @@ class Session:
 
     async def end(self, state: str, reason: str) -> None:
         """End the session: reclaim the kernel, tell the client, forget the token."""
-        if self._closing:
+        if self.life >= Life.CLOSING:
             return
-        self._closing = self._ending = True
+        self.life = Life.CLOSING
         kernel, self.kernel = self.kernel, None
         for request in self._queue:
             if request.deadline is not None:
@@ -564,7 +576,7 @@ class Session:
             self._unanswered_shutdown = None
         self.publish("kernel", {"state": state, "reason": reason})
         await self.flush()
-        self.ended = True
+        self.life = Life.ENDED
         await self.manager.forget(self)
         sink, self.sink = self.sink, None
         if sink is not None:
