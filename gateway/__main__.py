@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import parse
+from gateway.registry.base import RegistryUnavailable
 from kernels.provisioner import ForkServerError
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             handler_cancellation=True,
             print=lambda msg: logging.getLogger("gateway").info("%s", msg.strip()),
         )
-    except ForkServerError as exc:  # isolation that was required does not hold, and such
+    except (ForkServerError, RegistryUnavailable) as exc:  # isolation that was required does not hold, and such
         raise SystemExit(f"cellgate: {exc}") from None
 
 

@@ -73,6 +73,7 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     retention = Retention(config, manager.store)
 
     async def start(app: web.Application) -> None:
+        await manager.registry.open()
         await manager.spool.open()
         if owns_pool:
             await pool.open()

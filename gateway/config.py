@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,13 @@ class Config:
     service_timeout: float = _setting(30.0, "seconds a POST /service run may take")
     replay_limit: int = _setting(10000, "events kept per session for replay")
     replay_bytes: int = _setting(32 * MiB, "bytes of events kept per session for replay")
+    redis: str = _setting(
+        "",
+        "Redis URL of the shared session registry, redis:// or rediss:// (default: in-process); "
+        "a URL with a password belongs in CELLGATE_REDIS, not on the command line",
+    )
+    redis_ca_file: str = _setting("", "CA certificate that signed a rediss:// server's certificate")
+    redis_prefix: str = _setting("cellgate", "prefix of every Redis key this node uses")
     store_dir: str = _setting("cellgate-data", "directory of the local blob store (without --s3-bucket)")
     s3_bucket: str = _setting("", "S3 bucket for files and permalinks (default: the local --store-dir)")
     s3_prefix: str = _setting("cellgate", "key prefix in the S3 bucket")
@@ -168,6 +176,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             help=f"{f.metadata['help']} (default: {f.default!r}; env {env_name(f.name)})",
         )
     args = parser.parse_args(argv)
+    if args.redis != environ.get(env_name("redis"), "") and urllib.parse.urlsplit(args.redis).password:
+        raise SystemExit(
+            "cellgate: a Redis URL with a password belongs in CELLGATE_REDIS, not on the command line, "
+            "which any local user can read in /proc"
+        )
     config = Config(**vars(args))
     validate(config)
     return config
@@ -189,6 +202,10 @@ def validate(config: Config) -> None:
     # A resume pushes the whole replay log at once, and one more message may follow.
     if config.client_buffer < config.replay_bytes + 2 * config.kernel_message_limit:
         problems.append("--client-buffer must be at least --replay-bytes plus twice --kernel-message-limit")
+    if config.redis and urllib.parse.urlsplit(config.redis).scheme not in ("redis", "rediss", "unix"):
+        problems.append("--redis must be a redis://, rediss:// or unix:// URL")
+    if config.redis_ca_file and not config.redis.startswith("rediss://"):
+        problems.append("--redis-ca-file needs a rediss:// URL")
     if config.file_delivery not in ("redirect", "proxy"):
         problems.append("--file-delivery must be redirect or proxy")
     if not 1 <= config.presign_expiry <= 7 * 86400:

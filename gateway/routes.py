@@ -83,7 +83,8 @@ def manager_of(request: web.Request) -> SessionManager:
 
 async def health(request: web.Request) -> web.Response:
     manager = manager_of(request)
-    ok = manager.pool.healthy
+    registry_ok = await manager.registry.reachable()
+    ok = manager.pool.healthy and registry_ok
     body = {
         "status": "ok" if ok else "unavailable",
         "protocol": PROTOCOL,
@@ -91,12 +92,15 @@ async def health(request: web.Request) -> web.Response:
         "max_kernels": manager.pool.max_kernels,
         "sessions": len(manager.sessions),
         "isolation": manager.pool.isolation(),
+        "registry": {"backend": manager.registry.backend, "reachable": registry_ok},
         "store": {
             "backend": "s3" if manager.config.s3_bucket else "local",
             "spool": {"items": manager.spool.pending, "bytes": manager.spool.used},
         },
     }
-    if not ok:
+    if not registry_ok:
+        body["error"] = {"code": "no_kernel", "message": "the session registry (Redis) cannot be reached"}
+    elif not ok:
         body["error"] = {"code": "no_kernel", "message": manager.pool.last_error or "kernels cannot start"}
     return web.json_response(body, status=200 if ok else 503)
 

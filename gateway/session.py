@@ -32,11 +32,13 @@ from gateway.spool import SpoolFull
 from kernels import workdir
 from kernels.kernel import Incoming, Kernel, KernelBusy
 from kernels.pool import PoolExhausted
+from kernels.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from gateway.sessions import SessionManager
 
 log = logging.getLogger(__name__)
+_registry_warnings = RateLimitedLog(log)
 
 STREAM_MERGE_MAX = 64 * 1024
 REPLY_CONTENT_MAX = 1 << 20  # a status, reply or execute_input bigger than this keeps only a marker
@@ -45,6 +47,7 @@ OVERRUN_GRACE = 5.0  # seconds an interrupted kernel has to stop before it is ki
 SHUTDOWN_GRACE = 10.0  # seconds a kernel has to answer a shutdown_request or exit
 SPINNING = 0.5  # CPU share that counts as running code while nothing is outstanding
 EXPECTED_TRACKED = 1024  # requests whose lifecycle messages are still expected
+SEND_BATCH = 256  # events logged in one registry call
 
 
 class Life(IntEnum):
@@ -142,20 +145,47 @@ class Session:
             while not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
             async with self._emit_lock:
-                for event, data, size in _coalesce(batch):
-                    self.outbox_bytes -= size
-                    if event == "__flush__":
-                        if not data.done():
-                            data.set_result(None)
-                        continue
-                    await self._deliver(event, data, size)
+                for start in range(0, len(batch := _coalesce(batch)), SEND_BATCH):
+                    await self._log_and_deliver(batch[start : start + SEND_BATCH])
 
-    async def _deliver(self, event: str, data: dict[str, Any], size: int) -> None:
+    async def _log_and_deliver(self, batch: list[tuple[str, Any, int]]) -> None:
+        events = [item for item in batch if item[0] != "__flush__"]
+        # One registry call logs them all (one round trip to Redis), then each goes out.
+        try:
+            seq: int | None = await self._log(events) if events else 0
+        except KeyError:  # the registry no longer has the session: it has ended
+            seq = None
+        for event, data, size in batch:
+            self.outbox_bytes -= size
+            if event == "__flush__":
+                if not data.done():
+                    data.set_result(None)
+            elif seq is not None:
+                await self._deliver(event, data, seq)
+                seq += 1
+
+    async def _log(self, events: list[tuple[str, Any, int]]) -> int:
+        """The seq of the first of `events`, once they are in the replay log. A registry
+        that cannot be reached is retried until it can: the events wait here, bounded
+        by --client-buffer like any backlog, and none is delivered unlogged."""
         if self.logged:
-            seq = await self.manager.registry.append(self.id, event, data, size)
-        else:
-            self._seq += 1
-            seq = self._seq
+            delay = 0.05
+            while True:
+                try:
+                    return await self.manager.registry.append(self.id, events)
+                except KeyError:
+                    raise
+                except Exception as exc:
+                    _registry_warnings.warning(
+                        "session %s: the replay log cannot be written, retrying: %s", self.id, exc
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        first = self._seq + 1
+        self._seq += len(events)
+        return first
+
+    async def _deliver(self, event: str, data: dict[str, Any], seq: int) -> None:
         payload = {**data, "seq": seq}
         sink = self.sink
         if sink is not None:
@@ -177,6 +207,7 @@ class Session:
             old, self.sink = self.sink, None
             if old is not None:
                 self._spawn(self._take_from(old))
+                self.disconnected_at = time.monotonic()  # until this attach succeeds
             await sink.send("session", self.describe(token, resumed))
             if after is not None:
                 await self._replay(sink, after, epoch)

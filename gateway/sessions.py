@@ -15,7 +15,7 @@ from gateway.errors import CellgateError
 from gateway.metrics import Metrics
 from gateway.permalinks import Permalinks
 from gateway.registry import SessionRecord, SessionRegistry
-from gateway.registry.base import new_token, token_digest
+from gateway.registry.base import RegistryUnavailable, new_token, token_digest
 from gateway.session import Session
 from gateway.spool import Item, Spool
 from gateway.stores import BlobStore
@@ -92,7 +92,11 @@ class SessionManager:
             client=client,
             created=time.time(),
         )
-        if not await self.registry.create(record, per_client=self.config.sessions_per_client):
+        try:
+            created = await self.registry.create(record, per_client=self.config.sessions_per_client)
+        except RegistryUnavailable:
+            raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
+        if not created:
             raise CellgateError(
                 "capacity_client", f"{self.config.sessions_per_client} sessions are already open from your address"
             )
@@ -103,7 +107,10 @@ class SessionManager:
     async def resume(self, token: object) -> Session:
         if not isinstance(token, str) or not token:
             raise CellgateError("token_invalid", "the resume token must be a non-empty string")
-        record = await self.registry.find(token)
+        try:
+            record = await self.registry.find(token)
+        except RegistryUnavailable:
+            raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
         session = self.sessions.get(record.id) if record else None
         if session is None or session.ended:
             raise CellgateError("token_invalid", "no live session has this token (it may have expired)")
@@ -111,7 +118,10 @@ class SessionManager:
 
     async def forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        await self.registry.delete(session.id)
+        try:
+            await self.registry.delete(session.id)
+        except RegistryUnavailable as exc:  # its keys expire by themselves
+            log.warning("session %s: not removed from the registry: %s", session.id, exc)
 
     def counts(self) -> dict[str, int]:
         connected = sum(1 for s in self.sessions.values() if s.sink is not None)

@@ -16,6 +16,7 @@ from gateway.addresses import client_address
 from gateway.config import Config
 from gateway.errors import CellgateError
 from gateway.messages import check_filename, validate
+from gateway.registry.base import RegistryUnavailable
 from gateway.session import Session
 from gateway.sessions import SessionManager
 
@@ -252,7 +253,13 @@ def create_server(config: Config, manager: SessionManager) -> Server:
         if conn is None:
             return
         # Without a seq nothing is replayed: the client said it needs nothing.
-        await conn.session.attach(conn.sink, conn.token, conn.resumed, conn.seq, conn.epoch)
+        try:
+            await conn.session.attach(conn.sink, conn.token, conn.resumed, conn.seq, conn.epoch)
+        except RegistryUnavailable:
+            # The log cannot be read now: the client is told, and resumes again later.
+            notice = CellgateError("capacity_node", "the session registry cannot be reached; resume shortly")
+            await sio.emit("error", notice.as_dict(), to=sid)
+            await sio.disconnect(sid)
 
     @sio.event
     async def disconnect(sid: str, reason: Any = None) -> None:

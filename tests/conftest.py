@@ -27,6 +27,7 @@ from gateway.config import Config
 from gateway.sessions import SessionManager
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
+from tests.redisserver import RedisServer, redis_server
 from tests.s3server import S3Server, s3_server
 
 TRANSPORTS = {"websocket": ["websocket"], "polling": ["polling"]}
@@ -264,3 +265,10 @@ def s3() -> Iterator[S3Server]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[RedisServer]:
+    """A redis-server for the whole run; each test keeps to a key prefix of its own."""
+    with redis_server() as server:
+        yield server

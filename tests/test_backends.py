@@ -7,6 +7,7 @@ its factory to the table, and every test below then runs against it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,12 +17,19 @@ import pytest
 
 from gateway.registry import MemoryRegistry, SessionRecord, SessionRegistry
 from gateway.registry.base import new_token, token_digest
+from gateway.registry.redis import RedisRegistry, connect
 from gateway.stores import BlobStore, LocalStore
 from gateway.stores.s3 import S3Store
 from tests.s3server import REGION
 
-REGISTRIES: dict[str, Callable[[], SessionRegistry]] = {
-    "memory": lambda: MemoryRegistry(replay_limit=5, replay_bytes=10_000),
+REGISTRIES: dict[str, Callable[[pytest.FixtureRequest], SessionRegistry]] = {
+    "memory": lambda request: MemoryRegistry(replay_limit=5, replay_bytes=10_000),
+    "redis": lambda request: RedisRegistry(
+        connect(request.getfixturevalue("redis").url),
+        prefix="t-" + secrets.token_hex(4),  # a prefix per test: no test sees another's keys
+        replay_limit=5,
+        replay_bytes=10_000,
+    ),
 }
 STORES: dict[str, Callable[[pytest.FixtureRequest, Path], BlobStore]] = {
     "local": lambda request, tmp: LocalStore(str(tmp / "blobs")),
@@ -37,7 +45,7 @@ STORES: dict[str, Callable[[pytest.FixtureRequest, Path], BlobStore]] = {
 
 @pytest.fixture(params=list(REGISTRIES))
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[SessionRegistry]:
-    reg = REGISTRIES[request.param]()
+    reg = REGISTRIES[request.param](request)
     yield reg
     await reg.close()
 
@@ -108,8 +116,9 @@ async def test_log_seqs_and_trimming(registry: SessionRegistry) -> None:
     await registry.create(rec)
     empty = await registry.read(rec.id, 0)
     assert (empty.first, empty.last, empty.entries) == (1, 0, [])
-    seqs = [await registry.append(rec.id, "iopub", {"n": i}, 100) for i in range(8)]
-    assert seqs == list(range(1, 9))
+    seqs = [await registry.append(rec.id, [("iopub", {"n": i}, 100)]) for i in range(3)]
+    assert seqs == [1, 2, 3]
+    assert await registry.append(rec.id, [("iopub", {"n": i}, 100) for i in range(3, 8)]) == 4  # one batch
     read = await registry.read(rec.id, 0)
     assert (read.epoch, read.first, read.last) == ("e1", 4, 8)  # replay_limit=5 keeps 4..8
     assert [e.seq for e in read.entries] == [4, 5, 6, 7, 8]
@@ -142,10 +151,10 @@ async def test_log_is_bounded_in_bytes(registry: SessionRegistry) -> None:
     rec = record(new_token())
     await registry.create(rec)
     for i in range(3):
-        await registry.append(rec.id, "iopub", {"n": i}, 4000)  # budget 10,000: two fit
+        await registry.append(rec.id, [("iopub", {"n": i}, 4000)])  # budget 10,000: two fit
     read = await registry.read(rec.id, 0)
     assert [e.data["n"] for e in read.entries] == [1, 2] and read.first == 2
-    await registry.append(rec.id, "iopub", {"n": "huge"}, 50_000)  # the newest stays, alone
+    await registry.append(rec.id, [("iopub", {"n": "huge"}, 50_000)])  # the newest stays, alone
     read = await registry.read(rec.id, 0)
     assert [e.data["n"] for e in read.entries] == ["huge"] and read.last == 4
 
@@ -178,3 +187,32 @@ async def test_store_presigns_a_download_or_leaves_serving_to_the_gateway(store:
         assert r.status == 200 and await r.read() == b"<script>1</script>"
         assert r.headers["Content-Type"] == "text/html"
         assert r.headers["Content-Disposition"] == 'attachment; filename="page.html"'
+
+
+async def test_log_keeps_binary_buffers_and_nested_data(registry: SessionRegistry) -> None:
+    rec = record(new_token())
+    await registry.create(rec)
+    data = {
+        "header": {"msg_id": "m1", "msg_type": "comm_msg"},
+        "content": {"data": {"values": [1, 2.5, None, True, "é"]}},
+        "buffers": [b"\x00\xff\x10", b""],
+    }
+    assert await registry.append(rec.id, [("iopub", data, 64), ("files", {"msg_id": "m1", "files": []}, 32)]) == 1
+    entries = (await registry.read(rec.id, 0)).entries
+    assert [(e.seq, e.event, e.data) for e in entries] == [
+        (1, "iopub", data),
+        (2, "files", {"msg_id": "m1", "files": []}),
+    ]
+
+
+async def test_a_session_that_is_gone_has_no_log(registry: SessionRegistry) -> None:
+    rec = record(new_token())
+    await registry.create(rec)
+    await registry.delete(rec.id)
+    with pytest.raises(KeyError):
+        await registry.append(rec.id, [("iopub", {}, 1)])
+    with pytest.raises(KeyError):
+        await registry.read(rec.id, 0)
+    rec.kernel_id = "k"
+    await registry.update(rec)  # nothing to update: it stays gone
+    assert await registry.get(rec.id) is None and await registry.count_client(rec.client) == 0

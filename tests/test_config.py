@@ -66,3 +66,15 @@ def test_store_settings_are_checked() -> None:
     ):
         with pytest.raises(SystemExit, match=complaint):
             parse(flags, environ=env)
+
+
+def test_a_redis_password_is_refused_on_the_command_line_but_taken_from_the_environment() -> None:
+    url = "redis://cellgate:hunter2@127.0.0.1:6379/0"
+    with pytest.raises(SystemExit, match="CELLGATE_REDIS"):
+        parse(["--redis", url], environ={})
+    assert parse([], environ={"CELLGATE_REDIS": url}).redis == url
+    assert parse(["--redis", "redis://127.0.0.1:6379"], environ={}).redis  # no secret in it
+    with pytest.raises(SystemExit, match="redis://"):
+        parse(["--redis", "http://127.0.0.1:6379"], environ={})
+    with pytest.raises(SystemExit, match="rediss://"):
+        parse(["--redis", "redis://127.0.0.1", "--redis-ca-file", "/ca.pem"], environ={})

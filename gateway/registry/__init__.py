@@ -14,4 +14,15 @@ __all__ = ["LogEntry", "LogRead", "MemoryRegistry", "SessionRecord", "SessionReg
 
 
 def create_registry(config: Config) -> SessionRegistry:
+    if config.redis:
+        from gateway.registry.redis import RedisRegistry, connect
+
+        return RedisRegistry(
+            connect(config.redis, config.redis_ca_file),
+            prefix=config.redis_prefix,
+            replay_limit=config.replay_limit,
+            replay_bytes=config.replay_bytes,
+            # Past its hard lifespan and grace nothing of a session is needed.
+            ttl=config.lifespan + config.resume_grace + 300,
+        )
     return MemoryRegistry(replay_limit=config.replay_limit, replay_bytes=config.replay_bytes)

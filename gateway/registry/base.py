@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,19 @@ class LogRead:
     entries: list[LogEntry] = field(default_factory=list)
 
 
+class RegistryUnavailable(Exception):
+    """The registry cannot be reached (Redis down or refusing)."""
+
+
 class SessionRegistry(ABC):
+    backend = "memory"
+
+    async def open(self) -> None:  # noqa: B027 (nothing to check in this process)
+        """Check the registry can be reached; RegistryUnavailable, saying why, if not."""
+
+    async def reachable(self) -> bool:
+        return True
+
     @abstractmethod
     async def create(self, record: SessionRecord, per_client: int | None = None) -> bool:
         """Add a session. With `per_client`, only if fewer than that many live sessions
@@ -76,9 +89,11 @@ class SessionRegistry(ABC):
         """Live sessions opened from one client address."""
 
     @abstractmethod
-    async def append(self, session_id: str, event: str, data: Any, size: int) -> int:
-        """Add an event (about `size` bytes) to the session's log and return its seq
-        (1, 2, 3 ...). The oldest entries go once the log is over its limits."""
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]]) -> int:
+        """Add events, each `(event, data, size in bytes)`, to the session's log in one
+        step and return the seq of the first (they get consecutive seqs: 1, 2, 3 ...
+        over the session's life). The oldest entries go once the log is over its
+        limits; the newest always stays. KeyError for a session that is not there."""
 
     @abstractmethod
     async def read(self, session_id: str, after: int) -> LogRead:

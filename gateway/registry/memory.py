@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.registry.base import LogEntry, LogRead, SessionRecord, SessionRegistry, token_digest
@@ -60,19 +61,21 @@ class MemoryRegistry(SessionRegistry):
     async def count_client(self, client: str) -> int:
         return self._clients.get(client, 0)
 
-    async def append(self, session_id: str, event: str, data: Any, size: int) -> int:
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]]) -> int:
         log = self._logs.get(session_id)
         if log is None:
             raise KeyError(session_id)
-        seq = self._last[session_id] + 1
-        self._last[session_id] = seq
-        log.append(LogEntry(seq, event, data, size))
-        total = self._bytes[session_id] + size
+        first = self._last[session_id] + 1
+        total = self._bytes[session_id]
+        for seq, (event, data, size) in enumerate(events, first):
+            log.append(LogEntry(seq, event, data, size))
+            total += size
+        self._last[session_id] = first + len(events) - 1
         # Trim the oldest, but always keep the newest entry.
         while len(log) > 1 and (len(log) > self.replay_limit or total > self.replay_bytes):
             total -= log.popleft().size
         self._bytes[session_id] = total
-        return seq
+        return first
 
     async def read(self, session_id: str, after: int) -> LogRead:
         record = self._records.get(session_id)
