@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway.errors import CellgateError
 from gateway.files import FileReporter
 from gateway.registry import SessionRecord
+from gateway.registry.base import LogLost
 from gateway.spool import SpoolFull
 from kernels import workdir
 from kernels.kernel import Incoming, Kernel, KernelBusy
@@ -108,7 +110,7 @@ class Session:
         self.disconnected_at: float | None = self.created
         self.life = Life.OPEN
         self._unanswered_shutdown: dict[str, Any] | None = None  # a shutdown_request's header, until its reply
-        self._seq = 0  # used only when not logged
+        self._seq = 0  # the newest seq given out (and, when logged, in the registry's log)
         self._outbox: asyncio.Queue[tuple[str, Any, int]] = asyncio.Queue()
         self.outbox_bytes = 0
         self._emit_lock = asyncio.Lock()
@@ -151,39 +153,43 @@ class Session:
     async def _log_and_deliver(self, batch: list[tuple[str, Any, int]]) -> None:
         events = [item for item in batch if item[0] != "__flush__"]
         # One registry call logs them all (one round trip to Redis), then each goes out.
-        try:
-            seq: int | None = await self._log(events) if events else 0
-        except KeyError:  # the registry no longer has the session: it has ended
-            seq = None
+        seq = await self._log(events) if events else 0
         for event, data, size in batch:
             self.outbox_bytes -= size
             if event == "__flush__":
                 if not data.done():
                     data.set_result(None)
-            elif seq is not None:
+            else:
                 await self._deliver(event, data, seq)
                 seq += 1
 
     async def _log(self, events: list[tuple[str, Any, int]]) -> int:
-        """The seq of the first of `events`, once they are in the replay log. A registry
-        that cannot be reached is retried until it can: the events wait here, bounded
-        by --client-buffer like any backlog, and none is delivered unlogged."""
-        if self.logged:
-            delay = 0.05
-            while True:
-                try:
-                    return await self.manager.registry.append(self.id, events)
-                except KeyError:
-                    raise
-                except Exception as exc:
-                    _registry_warnings.warning(
-                        "session %s: the replay log cannot be written, retrying: %s", self.id, exc
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-        first = self._seq + 1
-        self._seq += len(events)
-        return first
+        """The seq of the first of `events`, once they are in the replay log.
+
+        A registry that cannot be reached is retried until it can: the events wait
+        here, bounded by --client-buffer like any backlog, and none is delivered
+        unlogged. A registry that lost writes (a Redis restart or failover) gets the
+        session back under a new epoch, its seqs going on, so that a resume across
+        the loss is told `replay_gap` instead of meeting a silent hole."""
+        if not self.logged:
+            first = self._seq + 1
+            self._seq += len(events)
+            return first
+        delay = 0.05
+        while True:
+            try:
+                first = await self.manager.registry.append(self.id, events, after=self._seq)
+                self._seq = first + len(events) - 1
+                return first
+            except LogLost:
+                self.record.epoch = secrets.token_hex(8)
+                log.warning("session %s: the registry lost part of its log; it goes on as a new epoch", self.id)
+                with contextlib.suppress(Exception):  # unreachable again: the loop retries
+                    await self.manager.registry.restore(self.record, last=self._seq)
+            except Exception as exc:
+                _registry_warnings.warning("session %s: the replay log cannot be written: %s", self.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _deliver(self, event: str, data: dict[str, Any], seq: int) -> None:
         payload = {**data, "seq": seq}

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.registry import MemoryRegistry, SessionRecord, SessionRegistry
-from gateway.registry.base import new_token, token_digest
+from gateway.registry.base import LogLost, new_token, token_digest
 from gateway.registry.redis import RedisRegistry, connect
 from gateway.stores import BlobStore, LocalStore
 from gateway.stores.s3 import S3Store
@@ -116,9 +116,9 @@ async def test_log_seqs_and_trimming(registry: SessionRegistry) -> None:
     await registry.create(rec)
     empty = await registry.read(rec.id, 0)
     assert (empty.first, empty.last, empty.entries) == (1, 0, [])
-    seqs = [await registry.append(rec.id, [("iopub", {"n": i}, 100)]) for i in range(3)]
+    seqs = [await registry.append(rec.id, [("iopub", {"n": i}, 100)], after=i) for i in range(3)]
     assert seqs == [1, 2, 3]
-    assert await registry.append(rec.id, [("iopub", {"n": i}, 100) for i in range(3, 8)]) == 4  # one batch
+    assert await registry.append(rec.id, [("iopub", {"n": i}, 100) for i in range(3, 8)], after=3) == 4  # one batch
     read = await registry.read(rec.id, 0)
     assert (read.epoch, read.first, read.last) == ("e1", 4, 8)  # replay_limit=5 keeps 4..8
     assert [e.seq for e in read.entries] == [4, 5, 6, 7, 8]
@@ -151,10 +151,10 @@ async def test_log_is_bounded_in_bytes(registry: SessionRegistry) -> None:
     rec = record(new_token())
     await registry.create(rec)
     for i in range(3):
-        await registry.append(rec.id, [("iopub", {"n": i}, 4000)])  # budget 10,000: two fit
+        await registry.append(rec.id, [("iopub", {"n": i}, 4000)], after=i)  # budget 10,000: two fit
     read = await registry.read(rec.id, 0)
     assert [e.data["n"] for e in read.entries] == [1, 2] and read.first == 2
-    await registry.append(rec.id, [("iopub", {"n": "huge"}, 50_000)])  # the newest stays, alone
+    await registry.append(rec.id, [("iopub", {"n": "huge"}, 50_000)], after=3)  # the newest stays, alone
     read = await registry.read(rec.id, 0)
     assert [e.data["n"] for e in read.entries] == ["huge"] and read.last == 4
 
@@ -197,7 +197,8 @@ async def test_log_keeps_binary_buffers_and_nested_data(registry: SessionRegistr
         "content": {"data": {"values": [1, 2.5, None, True, "é"]}},
         "buffers": [b"\x00\xff\x10", b""],
     }
-    assert await registry.append(rec.id, [("iopub", data, 64), ("files", {"msg_id": "m1", "files": []}, 32)]) == 1
+    events = [("iopub", data, 64), ("files", {"msg_id": "m1", "files": []}, 32)]
+    assert await registry.append(rec.id, events, after=0) == 1
     entries = (await registry.read(rec.id, 0)).entries
     assert [(e.seq, e.event, e.data) for e in entries] == [
         (1, "iopub", data),
@@ -209,10 +210,27 @@ async def test_a_session_that_is_gone_has_no_log(registry: SessionRegistry) -> N
     rec = record(new_token())
     await registry.create(rec)
     await registry.delete(rec.id)
-    with pytest.raises(KeyError):
-        await registry.append(rec.id, [("iopub", {}, 1)])
+    with pytest.raises(LogLost):  # a writer that still has it finds out
+        await registry.append(rec.id, [("iopub", {}, 1)], after=0)
     with pytest.raises(KeyError):
         await registry.read(rec.id, 0)
     rec.kernel_id = "k"
     await registry.update(rec)  # nothing to update: it stays gone
     assert await registry.get(rec.id) is None and await registry.count_client(rec.client) == 0
+
+
+async def test_a_log_that_lost_writes_is_detected_and_restored_as_a_new_epoch(registry: SessionRegistry) -> None:
+    rec = record(new_token())
+    await registry.create(rec)
+    assert await registry.append(rec.id, [("iopub", {"n": i}, 10) for i in range(3)], after=0) == 1
+    # The writer had logged up to 5, the log says 3: two writes were lost.
+    with pytest.raises(LogLost):
+        await registry.append(rec.id, [("iopub", {"n": 5}, 10)], after=5)
+    assert (await registry.read(rec.id, 0)).last == 3  # nothing appended
+    rec.epoch = "e2"
+    await registry.restore(rec, last=5)
+    assert await registry.append(rec.id, [("iopub", {"n": 6}, 10)], after=5) == 6  # seqs go on
+    read = await registry.read(rec.id, 0)
+    assert (read.epoch, read.first, read.last, [e.seq for e in read.entries]) == ("e2", 6, 6, [6])
+    token_record = await registry.get(rec.id)
+    assert token_record is not None and token_record.epoch == "e2" and await registry.count_client(rec.client) == 1

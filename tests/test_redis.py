@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,46 @@ async def test_rediss_with_a_ca_file_and_an_acl_user(
         # The ACL user reaches only its own keys.
         with pytest.raises(RegistryUnavailable, match="permission"):
             await start_gateway(redis=server.url, redis_prefix="other", redis_ca_file=str(tls["ca"]))
+
+
+@pytest.mark.parametrize(
+    "persistence",
+    [["appendonly yes", "appendfsync everysec"], []],
+    ids=["append-only", "nothing-kept"],
+)
+async def test_a_redis_restart_mid_run_never_leaves_a_silent_hole(
+    start_gateway: GatewayFactory, persistence: list[str]
+) -> None:
+    with redis_server(persistence) as server:
+        gw = await start_gateway(**settings(server))
+        async with Client(gw.url) as c:
+            await c.execute("import time")
+            code = "for i in range(60):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)"
+            run = await c.execute(code, wait=False)
+            await asyncio.sleep(1.0)
+            server.stop(signal.SIGKILL)  # mid-run
+            await asyncio.sleep(0.5)
+            server.start()
+            await c.finish(run, timeout=30)
+            # The connected client has every line once, in order, with contiguous seqs.
+            assert c.collect(run).stdout == "".join(f"line {i}\n" for i in range(60))
+            live = seqs(c)
+            assert live == list(range(1, len(live) + 1))
+
+            # A client resuming from the start with the epoch it was given: the whole log,
+            # or, if the restart lost any of it, replay_gap first and then what is held.
+            again = Client(gw.url)
+            await again.resume(c.token, c.epoch, 0)
+            await again.wait_for(lambda e, d: d.get("seq") == c.last_seq, timeout=10)
+            gaps = [d for e, d in again.events if e == "error" and d.get("code") == "replay_gap"]
+            if gaps:
+                assert again.events[0] == ("error", gaps[0])  # announced before anything replayed
+                assert seqs(again) == list(range(gaps[0]["first"], c.last_seq + 1))
+                assert gaps[0]["epoch"] != c.epoch
+            else:
+                assert seqs(again) == list(range(1, c.last_seq + 1))
+            if not persistence:
+                assert gaps, "a Redis that kept nothing must be announced"
+            await again.shutdown()
+            await again.drop()
+        assert await gw.wait_sessions(0) == 0  # ended while its Redis is still there

@@ -55,6 +55,11 @@ class RegistryUnavailable(Exception):
     """The registry cannot be reached (Redis down or refusing)."""
 
 
+class LogLost(Exception):
+    """The registry lost writes to a session's log (a store restart or failover): the
+    session must `restore` itself under a new epoch before it appends again."""
+
+
 class SessionRegistry(ABC):
     backend = "memory"
 
@@ -89,11 +94,20 @@ class SessionRegistry(ABC):
         """Live sessions opened from one client address."""
 
     @abstractmethod
-    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]]) -> int:
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int) -> int:
         """Add events, each `(event, data, size in bytes)`, to the session's log in one
         step and return the seq of the first (they get consecutive seqs: 1, 2, 3 ...
         over the session's life). The oldest entries go once the log is over its
-        limits; the newest always stays. KeyError for a session that is not there."""
+        limits; the newest always stays.
+
+        `after` is the newest seq the caller has logged. If the log's newest is not
+        that, or the session is not there at all, writes were lost: LogLost, and
+        nothing is appended."""
+
+    @abstractmethod
+    async def restore(self, record: SessionRecord, last: int) -> None:
+        """Put back a session whose log lost writes: `record` as given (with a new
+        epoch), and an empty log whose next seq is `last` + 1."""
 
     @abstractmethod
     async def read(self, session_id: str, after: int) -> LogRead:

@@ -8,7 +8,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.registry.base import LogEntry, LogRead, SessionRecord, SessionRegistry, token_digest
+from gateway.registry.base import LogEntry, LogLost, LogRead, SessionRecord, SessionRegistry, token_digest
 
 
 class MemoryRegistry(SessionRegistry):
@@ -61,10 +61,10 @@ class MemoryRegistry(SessionRegistry):
     async def count_client(self, client: str) -> int:
         return self._clients.get(client, 0)
 
-    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]]) -> int:
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int) -> int:
         log = self._logs.get(session_id)
-        if log is None:
-            raise KeyError(session_id)
+        if log is None or self._last[session_id] != after:
+            raise LogLost(session_id)
         first = self._last[session_id] + 1
         total = self._bytes[session_id]
         for seq, (event, data, size) in enumerate(events, first):
@@ -76,6 +76,11 @@ class MemoryRegistry(SessionRegistry):
             total -= log.popleft().size
         self._bytes[session_id] = total
         return first
+
+    async def restore(self, record: SessionRecord, last: int) -> None:
+        await self.delete(record.id)
+        await self.create(record)
+        self._last[record.id] = last
 
     async def read(self, session_id: str, after: int) -> LogRead:
         record = self._records.get(session_id)

@@ -28,6 +28,7 @@ import redis.asyncio as redis
 
 from gateway.registry.base import (
     LogEntry,
+    LogLost,
     LogRead,
     RegistryUnavailable,
     SessionRecord,
@@ -44,7 +45,8 @@ if limit >= 0 then
   if redis.call('SCARD', KEYS[3]) >= limit then return 0 end
 end
 local ttl = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'last', 0, 'bytes', 0, unpack(ARGV, 5))
+redis.call('DEL', KEYS[4])
+redis.call('HSET', KEYS[1], 'last', ARGV[5], 'bytes', 0, unpack(ARGV, 6))
 redis.call('SET', KEYS[2], id, 'EX', ttl)
 redis.call('SADD', KEYS[3], id)
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -68,11 +70,12 @@ return 1
 
 APPEND = """
 local state = redis.call('HMGET', KEYS[1], 'last', 'bytes')
-if not state[1] then return -1 end
+-- Not there, or not where the writer left it: writes were lost.
+if not state[1] or tonumber(state[1]) ~= tonumber(ARGV[4]) then return -1 end
 local last, bytes = tonumber(state[1]), tonumber(state[2])
 local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 local first = last + 1
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   last = last + 1
   redis.call('XADD', KEYS[2], last .. '-0', 'e', ARGV[i], 'd', ARGV[i + 1], 'n', ARGV[i + 2])
   bytes = bytes + tonumber(ARGV[i + 2])
@@ -168,10 +171,17 @@ class RedisRegistry(SessionRegistry):
         return f"{self.prefix}:{kind}:{name}"
 
     async def create(self, record: SessionRecord, per_client: int | None = None) -> bool:
+        return await self._make(record, per_client, 0)
+
+    async def restore(self, record: SessionRecord, last: int) -> None:
+        await self._make(record, None, last)
+
+    async def _make(self, record: SessionRecord, per_client: int | None, last: int) -> bool:
         with _unavailable():
-            keys = [self._key("s", record.id), self._key("t", record.token_digest), self._key("c", record.client)]
+            keys = [self._key(kind, name) for kind, name in (("s", record.id), ("t", record.token_digest))]
+            keys += [self._key("c", record.client), self._key("l", record.id)]
             limit = -1 if per_client is None else per_client
-            args = [self.prefix, limit, record.id, self.ttl, *_encode(record)]
+            args = [self.prefix, limit, record.id, self.ttl, last, *_encode(record)]
             return bool(await self._create(keys=keys, args=args))
 
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -203,14 +213,14 @@ class RedisRegistry(SessionRegistry):
                     pipe.exists(self._key("s", session_id.decode()))
                 return sum(await pipe.execute())
 
-    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]]) -> int:
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int) -> int:
         with _unavailable():
-            args: list[Any] = [self.replay_limit, self.replay_bytes, self.ttl]
+            args: list[Any] = [self.replay_limit, self.replay_bytes, self.ttl, after]
             for event, data, size in events:
                 args += [event, msgpack.packb(data, use_bin_type=True, default=str), size]
             first = await self._append(keys=[self._key("s", session_id), self._key("l", session_id)], args=args)
             if first < 0:
-                raise KeyError(session_id)
+                raise LogLost(session_id)
             return first
 
     async def read(self, session_id: str, after: int) -> LogRead:
