@@ -182,14 +182,25 @@ class Session:
                 self._seq = first + len(events) - 1
                 return first
             except LogLost:
-                self.record.epoch = secrets.token_hex(8)
-                log.warning("session %s: the registry lost part of its log; it goes on as a new epoch", self.id)
                 with contextlib.suppress(Exception):  # unreachable again: the loop retries
-                    await self.manager.registry.restore(self.record, last=self._seq)
+                    await self._new_epoch()
             except Exception as exc:
                 _registry_warnings.warning("session %s: the replay log cannot be written: %s", self.id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _new_epoch(self) -> None:
+        self.record.epoch = secrets.token_hex(8)
+        log.warning("session %s: the registry lost part of its log; it goes on as a new epoch", self.id)
+        await self.manager.registry.restore(self.record, last=self._seq)
+
+    async def recover(self) -> None:
+        """Put the session back in a registry that lost it, before a client resumes."""
+        async with self._emit_lock:
+            try:
+                await self.manager.registry.read(self.id, self._seq)
+            except KeyError:
+                await self._new_epoch()
 
     async def _deliver(self, event: str, data: dict[str, Any], seq: int) -> None:
         payload = {**data, "seq": seq}

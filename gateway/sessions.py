@@ -111,10 +111,18 @@ class SessionManager:
             record = await self.registry.find(token)
         except RegistryUnavailable:
             raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
-        session = self.sessions.get(record.id) if record else None
+        session = self.sessions.get(record.id) if record else self._lost_by_registry(token)
         if session is None or session.ended:
             raise CellgateError("token_invalid", "no live session has this token (it may have expired)")
+        if record is None:
+            await session.recover()
         return session
+
+    def _lost_by_registry(self, token: str) -> Session | None:
+        """A live session of this node that the registry no longer has (a Redis that
+        kept nothing through a restart)."""
+        digest = token_digest(token)
+        return next((s for s in self.sessions.values() if s.record.token_digest == digest), None)
 
     async def forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)

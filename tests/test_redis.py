@@ -162,7 +162,8 @@ async def test_a_redis_restart_mid_run_never_leaves_a_silent_hole(
 ) -> None:
     with redis_server(persistence) as server:
         gw = await start_gateway(**settings(server))
-        async with Client(gw.url) as c:
+        async with Client(gw.url) as c, Client(gw.url) as idle:
+            await idle.execute("x = 1")  # a session with nothing going on through the restart
             await c.execute("import time")
             code = "for i in range(60):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)"
             run = await c.execute(code, wait=False)
@@ -192,4 +193,14 @@ async def test_a_redis_restart_mid_run_never_leaves_a_silent_hole(
                 assert gaps, "a Redis that kept nothing must be announced"
             await again.shutdown()
             await again.drop()
+
+            # The idle session resumes too, with its kernel, and its gap (if any) is told.
+            back = Client(gw.url)
+            info = await back.resume(idle.token, idle.epoch, idle.last_seq)
+            assert info["resumed"] and (info["epoch"] == idle.epoch) == bool(persistence)
+            assert (await back.execute("x + 1")).result == {"text/plain": "2"}
+            if not persistence:
+                assert back.events[0][0] == "error" and back.events[0][1]["code"] == "replay_gap"
+            await back.shutdown()
+            await back.drop()
         assert await gw.wait_sessions(0) == 0  # ended while its Redis is still there
