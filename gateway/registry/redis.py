@@ -2,7 +2,8 @@
 
 Keys, under `--redis-prefix` (default `cellgate`):
 
-    <p>:s:<id>        HASH    the session record, plus `last` (newest seq) and `bytes`
+    <p>:s:<id>        HASH    the session record, plus `last` (newest seq), and the log's
+                              `held` entries and their `bytes`
     <p>:t:<digest>    STRING  resume token digest -> session id
     <p>:c:<client>    SET     live session ids per client address (the per-address limit)
     <p>:l:<id>        STREAM  the replay log: entry id `<seq>-0`, fields e (event),
@@ -46,7 +47,7 @@ if limit >= 0 then
 end
 local ttl = tonumber(ARGV[4])
 redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[1], 'last', ARGV[5], 'bytes', 0, unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'last', ARGV[5], 'bytes', 0, 'held', 0, unpack(ARGV, 6))
 redis.call('SET', KEYS[2], id, 'EX', ttl)
 redis.call('SADD', KEYS[3], id)
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -69,10 +70,10 @@ return 1
 """
 
 APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'last', 'bytes')
+local state = redis.call('HMGET', KEYS[1], 'last', 'bytes', 'held')
 -- Not there, or not where the writer left it: writes were lost.
 if not state[1] or tonumber(state[1]) ~= tonumber(ARGV[4]) then return -1 end
-local last, bytes = tonumber(state[1]), tonumber(state[2])
+local last, bytes, held = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
 local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 local first = last + 1
 for i = 5, #ARGV, 3 do
@@ -80,16 +81,16 @@ for i = 5, #ARGV, 3 do
   redis.call('XADD', KEYS[2], last .. '-0', 'e', ARGV[i], 'd', ARGV[i + 1], 'n', ARGV[i + 2])
   bytes = bytes + tonumber(ARGV[i + 2])
 end
+if held == 0 then redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3])) end  -- a new stream
+held = held + (#ARGV - 4) / 3
 -- Trim the oldest, but always keep the newest entry.
-local length = redis.call('XLEN', KEYS[2])
-while length > 1 and (length > limit or bytes > budget) do
+while held > 1 and (held > limit or bytes > budget) do
   local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
   bytes = bytes - tonumber(oldest[2][6])
   redis.call('XDEL', KEYS[2], oldest[1])
-  length = length - 1
+  held = held - 1
 end
-redis.call('HSET', KEYS[1], 'last', last, 'bytes', bytes)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'last', last, 'bytes', bytes, 'held', held)
 return first
 """
 
