@@ -20,6 +20,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.spool import Spool, SpoolFull
 from kernels import workdir
+from kernels.handle import KernelHandle
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +54,33 @@ class FileReporter:
         """A new kernel, a new directory: nothing in it has been seen."""
         self._known = {}
 
-    async def upload(self, directory: workdir.Directory, name: str, data: bytes) -> None:
+    async def upload(self, kernel: KernelHandle, name: str, data: bytes) -> None:
         """Write a client's file; it is not reported back as output."""
         async with self._lock:
-            self._known[name] = await workdir.run(workdir.write_file, directory, name, data)
+            self._known[name] = await kernel.write_file(name, data)
 
-    async def report(self, directory: workdir.Directory, msg_id: str) -> None:
-        """Publish a `files` event for what changed in `directory` since the last report."""
+    async def report(self, kernel: KernelHandle, msg_id: str) -> None:
+        """Publish a `files` event for what changed in the kernel's directory since the
+        last report."""
         async with self._lock:
             try:
-                found = await workdir.run(workdir.scan, directory, self.config.max_files)
+                found = await kernel.list_files(self.config.max_files)
             except workdir.UnsafeFile:
                 return
             changed = [name for name, st in found.items() if self._known.get(name) != st]
             self._known = found
             if not changed:
                 return
-            entries = [await self._store(directory, name, found[name], msg_id) for name in changed]
+            entries = [await self._store(kernel, name, found[name], msg_id) for name in changed]
         self.publish("files", {"msg_id": msg_id, "files": entries})
 
-    async def _store(
-        self, directory: workdir.Directory, name: str, seen: workdir.FileState, msg_id: str
-    ) -> dict[str, Any]:
+    async def _store(self, kernel: KernelHandle, name: str, seen: workdir.FileState, msg_id: str) -> dict[str, Any]:
         c = self.config
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         entry: dict[str, Any] = {"name": name, "url": None, "size": None, "mime": mime}
         room = min(c.file_cap, c.session_file_cap - self.stored_bytes)
         try:
-            data = await workdir.run(workdir.read_file, directory, name, max(room, 0), seen)
+            data = await kernel.read_file(name, max(room, 0), seen)
         except workdir.FileTooLarge as exc:
             entry["size"] = exc.size
             over, cap = ("file", c.file_cap) if exc.size > c.file_cap else ("session", c.session_file_cap)

@@ -32,7 +32,7 @@ from gateway.registry import SessionRecord
 from gateway.registry.base import LogLost
 from gateway.spool import SpoolFull
 from kernels import workdir
-from kernels.kernel import Incoming, Kernel, KernelBusy
+from kernels.handle import Incoming, KernelBusy, KernelHandle
 from kernels.pool import PoolExhausted
 from kernels.ratelog import RateLimitedLog
 
@@ -103,7 +103,7 @@ class Session:
         self.record = record
         self.id = record.id
         self.logged = logged
-        self.kernel: Kernel | None = None
+        self.kernel: KernelHandle | None = None
         self.sink: Sink | None = None
         self.created = time.monotonic()
         self.last_activity = self.created  # of the client: the kernel's messages do not count
@@ -340,7 +340,7 @@ class Session:
         while len(self._expected) > EXPECTED_TRACKED:
             self._expected.popitem(last=False)
 
-    async def _ensure_kernel(self) -> Kernel:
+    async def _ensure_kernel(self) -> KernelHandle:
         if self.kernel is not None and self.kernel.alive:
             return self.kernel
         replaced = self.record.kernel_id is not None
@@ -399,7 +399,7 @@ class Session:
         async with self._send_lock:
             kernel = await self._ensure_kernel()
         try:
-            await self.files.upload(kernel.workdir, name, data)
+            await self.files.upload(kernel, name, data)
         except workdir.UnsafeFile as exc:
             raise CellgateError("bad_filename", str(exc)) from None
         except workdir.QuotaFull as exc:
@@ -542,7 +542,7 @@ class Session:
         elif now - self._spin_told > OVERRUN_GRACE:
             self._spawn(kernel.kill(f"the kernel kept running code past {limit:g} s and ignored the interrupt"))
 
-    def _kernel_exited(self, kernel: Kernel) -> None:
+    def _kernel_exited(self, kernel: KernelHandle) -> None:
         if kernel is not self.kernel:
             return
         for request in self._queue:
@@ -568,7 +568,7 @@ class Session:
     async def _report_files(self, msg_id: str) -> None:
         kernel = self.kernel
         if kernel is not None and not self.ended:
-            await self.files.report(kernel.workdir, msg_id)
+            await self.files.report(kernel, msg_id)
 
     async def _permalink(self, msg_id: str, code: str) -> None:
         language = self.manager.language(self.record.kernel_name)

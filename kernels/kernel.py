@@ -34,6 +34,7 @@ from jupyter_client.session import Session
 
 from kernels import wire, workdir
 from kernels.environment import kernel_environment
+from kernels.handle import DropListener, Incoming, KernelBusy, Listener
 from kernels.provisioner import Exit, ForkProvisioner, ForkServer
 from kernels.ratelog import RateLimitedLog
 from kernels.workdir import default_root
@@ -50,25 +51,8 @@ SEND_BACKLOG = 64 << 20  # bytes written to a kernel that it has not read yet
 MiB = 1 << 20
 
 Message = dict[str, Any]
+__all__ = ["DropListener", "Incoming", "Kernel", "KernelBusy", "KernelSpec", "KernelStartError", "Listener"]
 warn = RateLimitedLog(log)
-
-
-@dataclass(slots=True)
-class Incoming:
-    """One message from the kernel, as the listener gets it."""
-
-    channel: str
-    msg: Message
-    size: int  # its bytes on the wire
-    truncated: bool = False  # over the message limit: content is a marker, buffers are gone
-
-
-Listener = Callable[[Incoming], None]
-DropListener = Callable[[str, str], None]  # (channel, reason)
-
-
-class KernelBusy(RuntimeError):
-    """The kernel has stopped reading what it is sent."""
 
 
 class KernelStartError(RuntimeError):
@@ -345,6 +329,17 @@ class Kernel:
         if server is not None and server.report.get("disk_quota") and pid:
             return workdir.Rooted(f"/proc/{pid}/root", self._work)
         return self._work
+
+    # -- its working directory (the KernelHandle calls) ------------------------------
+
+    async def list_files(self, limit: int) -> dict[str, workdir.FileState]:
+        return await workdir.run(workdir.scan, self.workdir, limit)
+
+    async def read_file(self, name: str, cap: int, seen: workdir.FileState) -> bytes:
+        return await workdir.run(workdir.read_file, self.workdir, name, cap, seen)
+
+    async def write_file(self, name: str, data: bytes) -> workdir.FileState:
+        return await workdir.run(workdir.write_file, self.workdir, name, data)
 
     # -- messages ---------------------------------------------------------------
 

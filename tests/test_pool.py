@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import psutil
+import pytest
 
+from kernels.handle import KernelHandle
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
+from kernels.workdir import FileTooLarge
 
 
 def kernel_processes(root: str) -> list[psutil.Process]:
@@ -49,3 +52,23 @@ async def test_release_kills_the_kernel_and_refills(tmp_path) -> None:
     assert pool.counts() == {"warm": 1, "starting": 0, "attached": 0}
     await pool.close()
     assert kernel_processes(root) == []
+
+
+async def test_a_pool_kernel_answers_the_handle_calls(pool: KernelPool) -> None:
+    # The calls a session makes (kernels/handle.py), on a kernel as the pool gives it.
+    kernel = await pool.acquire("python3", timeout=60)
+    try:
+        assert isinstance(kernel, KernelHandle) and kernel.alive
+        state = await kernel.write_file("in.txt", b"from the client")
+        assert state.size == 15
+        assert await kernel.list_files(10) == {"in.txt": state}
+        assert await kernel.read_file("in.txt", 100, state) == b"from the client"
+        with pytest.raises(FileTooLarge):
+            await kernel.read_file("in.txt", 5, state)
+        exited = asyncio.Event()
+        kernel.on_exit(lambda k: exited.set())
+        await kernel.kill("ended by the test")
+        await asyncio.wait_for(exited.wait(), 10)
+        assert not kernel.alive and kernel.exit_reason == "ended by the test"
+    finally:
+        await pool.release(kernel)
