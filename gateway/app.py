@@ -10,6 +10,8 @@ from aiohttp import web
 from gateway.config import Config, MiB
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
+from gateway.registry.redis import RedisRegistry
+from gateway.remote import RemoteSessionManager
 from gateway.retention import Retention
 from gateway.routes import add_routes, cors, json_errors
 from gateway.sessions import SessionManager
@@ -55,11 +57,21 @@ def create_pool(config: Config) -> KernelPool:
     return KernelPool(specs, size=config.pool_size, max_kernels=config.max_kernels)
 
 
+def create_manager(config: Config, pool: KernelPool | None) -> SessionManager | RemoteSessionManager:
+    if config.remote_kernels:
+        registry = create_registry(config)
+        assert isinstance(registry, RedisRegistry)
+        return RemoteSessionManager(config, registry, create_store(config), Metrics())
+    assert pool is not None
+    return SessionManager(config, pool, create_registry(config), create_store(config), Metrics())
+
+
 def create_app(config: Config, pool: KernelPool | None = None) -> web.Application:
     """The node's app. Pass `pool` to share one warm pool between apps (tests do)."""
-    owns_pool = pool is None
-    pool = pool or create_pool(config)
-    manager = SessionManager(config, pool, create_registry(config), create_store(config), Metrics())
+    owns_pool = pool is None and not config.remote_kernels
+    if owns_pool:
+        pool = create_pool(config)
+    manager = create_manager(config, pool)
     app = web.Application(
         middlewares=[cors(config), json_errors],
         client_max_size=max(config.file_cap, config.message_limit) + MiB,
@@ -67,6 +79,8 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     app["config"] = config
     app["manager"] = manager
     sio = create_server(config, manager)
+    if isinstance(manager, RemoteSessionManager):
+        manager.sio = sio  # to reach a socket that another node holds
     sio.attach(app)
     app["sio"] = sio
     add_routes(app)
@@ -75,6 +89,8 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     async def start(app: web.Application) -> None:
         await manager.registry.open()
         await manager.spool.open()
+        if isinstance(manager, RemoteSessionManager):
+            await manager.start()
         if owns_pool:
             await pool.open()
             pool.start()

@@ -62,6 +62,9 @@ class Config:
     )
     redis_ca_file: str = _setting("", "CA certificate that signed a rediss:// server's certificate")
     redis_prefix: str = _setting("cellgate", "prefix of every Redis key this node uses")
+    remote_kernels: bool = _setting(
+        False, "run no kernels here: kernel hosts (python -m kernels.host) run them, reached through --redis"
+    )
     store_dir: str = _setting("cellgate-data", "directory of the local blob store (without --s3-bucket)")
     s3_bucket: str = _setting("", "S3 bucket for files and permalinks (default: the local --store-dir)")
     s3_prefix: str = _setting("cellgate", "key prefix in the S3 bucket")
@@ -155,11 +158,13 @@ def _convert(kind: Any, raw: str, name: str) -> Any:
         raise SystemExit(f"cellgate: {env_name(name)}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def parse(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, prog: str = "python -m gateway"
+) -> Config:
     """Build a Config from the defaults, then the environment, then argv."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+        prog=prog,
         description="Cellgate: run code in Jupyter kernels over Socket.IO and HTTP.",
         epilog="Every flag --foo-bar can also be set as the environment variable CELLGATE_FOO_BAR.",
     )
@@ -204,6 +209,8 @@ def validate(config: Config) -> None:
         problems.append("--client-buffer must be at least --replay-bytes plus twice --kernel-message-limit")
     if config.redis and urllib.parse.urlsplit(config.redis).scheme not in ("redis", "rediss", "unix"):
         problems.append("--redis must be a redis://, rediss:// or unix:// URL")
+    if config.remote_kernels and not config.redis:
+        problems.append("--remote-kernels needs --redis, through which nodes and kernel hosts meet")
     if config.redis_ca_file and not config.redis.startswith("rediss://"):
         problems.append("--redis-ca-file needs a rediss:// URL")
     if config.file_delivery not in ("redirect", "proxy"):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
 
 from gateway.errors import CellgateError
 from gateway.messages import validate
+from gateway.remote import RemoteSessionManager
 from gateway.sessions import SessionManager
 
 SKIPPED = frozenset({"status", "execute_input", "clear_output"})
@@ -25,6 +27,8 @@ class Collector:
         self.reply: dict[str, Any] | None = None
         self.idle = False
         self.finished = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.sid = "service-" + uuid.uuid4().hex  # what the registry names it, on a node of kernel hosts
 
     async def send(self, event: str, data: dict[str, Any]) -> None:
         if event == "iopub":
@@ -48,19 +52,26 @@ class Collector:
 
     async def close(self, reason: str) -> None:
         self.finished.set()
+        self.closed.set()
 
 
-async def run(manager: SessionManager, code: str, client: str) -> dict[str, Any]:
+def _request(code: str, msg_id: str) -> dict[str, Any]:
+    return {
+        "header": {"msg_id": msg_id, "msg_type": "execute_request"},
+        "content": {"code": code, "silent": False, "store_history": False, "allow_stdin": False},
+    }
+
+
+async def run(manager: SessionManager | RemoteSessionManager, code: str, client: str) -> dict[str, Any]:
+    if isinstance(manager, RemoteSessionManager):
+        return await _run_remote(manager, code, client)
     timeout = manager.config.service_timeout
     session, _ = await manager.open(client, logged=False)
     msg_id = uuid.uuid4().hex
     sink = Collector(msg_id, manager.config.client_buffer)
     session.sink = sink
     session.disconnected_at = None  # the request itself holds the session
-    request = {
-        "header": {"msg_id": msg_id, "msg_type": "execute_request"},
-        "content": {"code": code, "silent": False, "store_history": False, "allow_stdin": False},
-    }
+    request = _request(code, msg_id)
     try:
         # The same validation and header filling as a Socket.IO client's message gets.
         msg = validate("shell", request, manager.config.message_limit, session.id)
@@ -72,6 +83,33 @@ async def run(manager: SessionManager, code: str, client: str) -> dict[str, Any]
         raise CellgateError("timeout", f"the code ran longer than {timeout:g} s") from None
     finally:
         await session.end("shutdown", "service call done")
+    return _result(sink, msg_id)
+
+
+async def _run_remote(manager: RemoteSessionManager, code: str, client: str) -> dict[str, Any]:
+    """The same on a node whose kernels are on kernel hosts: the session is asked to
+    shut down after the execution, and its host ends it once the files the code wrote
+    are reported, so the session's last event (`kernel` `shutdown`) comes after them."""
+    timeout = manager.config.service_timeout
+    session, token = await manager.open(client)
+    msg_id = uuid.uuid4().hex
+    sink = Collector(msg_id, manager.config.client_buffer)
+    await session.attach(sink, token, False, None, None)
+    ask = {"header": {"msg_id": uuid.uuid4().hex, "msg_type": "shutdown_request"}, "content": {"restart": False}}
+    shutdown = validate("control", ask, 1 << 16, session.id)
+    try:
+        msg = validate("shell", _request(code, msg_id), manager.config.message_limit, session.id)
+        async with asyncio.timeout(timeout):
+            await session.to_kernel("shell", msg)
+            await sink.finished.wait()
+            await session.to_kernel("control", shutdown)
+            await sink.closed.wait()
+    except TimeoutError:
+        with contextlib.suppress(CellgateError):
+            await session.to_kernel("control", shutdown)
+        raise CellgateError("timeout", f"the code ran longer than {timeout:g} s") from None
+    finally:
+        session.detach(sink)
     return _result(sink, msg_id)
 
 

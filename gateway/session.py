@@ -30,6 +30,7 @@ from gateway.errors import CellgateError
 from gateway.files import FileReporter
 from gateway.registry import SessionRecord
 from gateway.registry.base import LogLost
+from gateway.replay import replay
 from gateway.spool import SpoolFull
 from kernels import workdir
 from kernels.handle import Incoming, KernelBusy, KernelHandle
@@ -189,6 +190,10 @@ class Session:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def resume_log(self, last: int) -> None:
+        """Go on from seq `last` of an existing log (a session taken on by a kernel host)."""
+        self._seq = last
+
     async def _new_epoch(self) -> None:
         self.record.epoch = secrets.token_hex(8)
         log.warning("session %s: the registry lost part of its log; it goes on as a new epoch", self.id)
@@ -227,7 +232,9 @@ class Session:
                 self.disconnected_at = time.monotonic()  # until this attach succeeds
             await sink.send("session", self.describe(token, resumed))
             if after is not None:
-                await self._replay(sink, after, epoch)
+                await replay(
+                    self.manager.registry, self.id, self.record.epoch, sink, after, epoch, self.manager.metrics
+                )
             self.sink = sink
             self.disconnected_at = None
             self.touch()
@@ -237,25 +244,6 @@ class Session:
         with contextlib.suppress(Exception):
             await old.send("error", err.as_dict())
             await old.close("session_taken")
-
-    async def _replay(self, sink: Sink, after: int, epoch: str | None) -> None:
-        same_epoch = epoch == self.record.epoch
-        read = await self.manager.registry.read(self.id, after if same_epoch else 0)
-        # A hole is always announced: another epoch, a seq we never sent, or trimmed entries.
-        if not same_epoch or after > read.last or read.first > after + 1:
-            self.manager.metrics.errors.labels("replay_gap").inc()
-            await sink.send(
-                "error",
-                CellgateError(
-                    "replay_gap",
-                    "some events cannot be replayed",
-                    epoch=read.epoch,
-                    first=read.first,
-                    last=read.last,
-                ).as_dict(),
-            )
-        for entry in read.entries:
-            await sink.send(entry.event, {**entry.data, "seq": entry.seq})
 
     def detach(self, sink: Sink) -> None:
         """The client's connection went away (cleanly or not): the grace period starts."""
@@ -601,7 +589,7 @@ class Session:
                 await self.end("timed_out", "lifespan")
             elif not self._queue and now - self.last_activity > c.idle_timeout:
                 await self.end("timed_out", "idle")
-            elif self.disconnected_at is not None and now - self.disconnected_at > c.resume_grace:
+            elif (away := await self.manager.client_away(self)) is not None and away > c.resume_grace:
                 await self.end("timed_out", "disconnected")
             else:
                 self._check_spinning(now)
@@ -611,6 +599,9 @@ class Session:
         if self.life >= Life.CLOSING:
             return
         self.life = Life.CLOSING
+        if self._reports:  # what the last execution wrote is reported before its kernel goes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*self._reports, return_exceptions=True), 10)
         kernel, self.kernel = self.kernel, None
         for request in self._queue:
             if request.deadline is not None:
@@ -634,6 +625,15 @@ class Session:
         for task in (self._sender, self._watchdog, *self._tasks):
             if task is not current:
                 task.cancel()
+
+    async def abandon(self) -> None:
+        """Stop serving the session here without ending it (a kernel host stopping):
+        what was published is logged, and the session goes on elsewhere."""
+        self.life = Life.ENDED
+        await self.flush(timeout=2.0)
+        self.manager.sessions.pop(self.id, None)
+        for task in (self._sender, self._watchdog, *self._tasks):
+            task.cancel()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)

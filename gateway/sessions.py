@@ -10,6 +10,7 @@ import uuid
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+from gateway.cluster import Cluster
 from gateway.config import Config
 from gateway.errors import CellgateError
 from gateway.metrics import Metrics
@@ -32,6 +33,8 @@ class SessionManager:
         registry: SessionRegistry,
         store: BlobStore,
         metrics: Metrics,
+        cluster: Cluster | None = None,
+        host_id: str = "",
     ) -> None:
         self.config = config
         self.pool = pool
@@ -44,6 +47,10 @@ class SessionManager:
         )
         self.permalinks = Permalinks(store, self.spool, self.base_url, config.permalink_retention)
         self.sessions: dict[str, Session] = {}
+        # On a kernel host: the sessions are opened by gateway nodes, which hold their
+        # clients; whether a client is there is read from the registry.
+        self.cluster = cluster
+        self.host_id = host_id
         self._languages: dict[str, str] = {}
 
     def language(self, kernel_name: str) -> str:
@@ -124,11 +131,40 @@ class SessionManager:
         digest = token_digest(token)
         return next((s for s in self.sessions.values() if s.record.token_digest == digest), None)
 
+    async def adopt(self, record: SessionRecord) -> Session:
+        """Take on a session a gateway node opened (on a kernel host): its log goes on
+        from where it is, and its lifespan counts from when it opened."""
+        session = Session(self, record, logged=True)
+        read = await self.registry.read(record.id, 1 << 62)
+        session.resume_log(read.last)
+        session.created = time.monotonic() - max(0.0, time.time() - record.created)
+        self.sessions[record.id] = session
+        return session
+
+    async def client_away(self, session: Session) -> float | None:
+        """Seconds since the session's client went away; None while it is there."""
+        if self.cluster is None:
+            return None if session.disconnected_at is None else time.monotonic() - session.disconnected_at
+        try:
+            sink, since = await self.registry.attachment(session.id)
+            if sink:
+                node = sink.split(" ", 1)[0]
+                if await self.cluster.node_alive(node):
+                    return None
+                # The node holding the socket died: the client is away from now on.
+                await self.registry.detach(session.id, sink, time.time())
+                return 0.0
+        except Exception:  # Redis away, or the session gone: no decision on what cannot be read
+            return None
+        return None if since is None else time.time() - since
+
     async def forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         try:
             await self.registry.delete(session.id)
-        except RegistryUnavailable as exc:  # its keys expire by themselves
+            if self.cluster is not None:
+                await self.cluster.unassign(session.id, self.host_id)
+        except (RegistryUnavailable, OSError) as exc:  # its keys expire by themselves
             log.warning("session %s: not removed from the registry: %s", session.id, exc)
 
     def counts(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.errors import CellgateError
 from gateway.messages import check_filename, validate
 from gateway.registry.base import RegistryUnavailable
+from gateway.remote import RemoteSession, RemoteSessionManager
 from gateway.session import Session
 from gateway.sessions import SessionManager
 
@@ -162,7 +163,7 @@ def _read_whole_bodies(sio: socketio.AsyncServer) -> None:
 
 
 class SocketSink:
-    def __init__(self, sio: Server, sid: str, manager: SessionManager) -> None:
+    def __init__(self, sio: Server, sid: str, manager: SessionManager | RemoteSessionManager) -> None:
         self.sio = sio
         self.sid = sid
         self.manager = manager
@@ -190,7 +191,13 @@ class Connection:
     """What one socket is bound to, between its connect and its disconnect."""
 
     def __init__(
-        self, session: Session, sink: SocketSink, token: str, resumed: bool, seq: int | None, epoch: str | None
+        self,
+        session: Session | RemoteSession,
+        sink: SocketSink,
+        token: str,
+        resumed: bool,
+        seq: int | None,
+        epoch: str | None,
     ) -> None:
         self.session = session
         self.sink = sink
@@ -200,8 +207,16 @@ class Connection:
         self.epoch = epoch
 
 
-def create_server(config: Config, manager: SessionManager) -> Server:
+def create_server(config: Config, manager: SessionManager | RemoteSessionManager) -> Server:
+    # Nodes that share sessions reach each other's sockets through Redis (the newest
+    # resume closing an older socket on another node); kernel output never goes there.
+    client_manager = None
+    if config.remote_kernels:
+        options = {"ssl_ca_certs": config.redis_ca_file} if config.redis_ca_file else {}
+        channel = f"{config.redis_prefix}:socketio"
+        client_manager = socketio.AsyncRedisManager(config.redis, channel=channel, redis_options=options)
     sio = Server(
+        client_manager=client_manager,
         async_mode="aiohttp",
         cors_allowed_origins=config.cors,
         max_http_buffer_size=config.transport_limit,

@@ -175,6 +175,7 @@ class Spare:
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._parent_gone = False
         root = os.geteuid() == 0
         self.cgroups = Cgroups() if settings.isolation and root else None
         held: tuple[str, ...] = ()
@@ -277,8 +278,15 @@ class Server:
             time.sleep(0.01)
 
     def _say(self, message: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(message) + "\n")
-        sys.stdout.flush()
+        if self._parent_gone:
+            return
+        try:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the host that started us died: nobody is listening
+            self._parent_gone = True
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def _accept(self, listener: socket.socket) -> None:
         conn, _ = listener.accept()

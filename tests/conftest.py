@@ -184,6 +184,7 @@ async def bystander(connect: ClientFactory) -> AsyncIterator[Bystander]:
 
 
 SOCKET_DIRS = ("/run", "/var/run", "/tmp", "/dev")  # where a host keeps its AF_UNIX sockets
+SOCKET_DEPTH = 12  # levels below each of them that are searched
 
 
 def host_sockets(outside: str) -> list[str]:
@@ -191,7 +192,11 @@ def host_sockets(outside: str) -> list[str]:
     whose sockets are its own)."""
     found = []
     for top in SOCKET_DIRS:
-        for directory, _, names in os.walk(top):
+        for directory, dirs, names in os.walk(top):
+            # Sockets live near the top; a kernel's home may hold a tree thousands of
+            # levels deep (a test makes one), which os.walk would recurse into.
+            if directory.count("/") - top.count("/") >= SOCKET_DEPTH:
+                dirs[:] = []
             for name in names:
                 path = os.path.join(directory, name)
                 with contextlib.suppress(OSError):  # gone meanwhile

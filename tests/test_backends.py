@@ -211,7 +211,7 @@ async def test_a_session_that_is_gone_has_no_log(registry: SessionRegistry) -> N
     await registry.create(rec)
     await registry.delete(rec.id)
     with pytest.raises(LogLost):  # a writer that still has it finds out
-        await registry.append(rec.id, [("iopub", {}, 1)], after=0)
+        await registry.append(rec.id, [("iopub", {}, 1)], after=None)
     with pytest.raises(KeyError):
         await registry.read(rec.id, 0)
     rec.kernel_id = "k"
@@ -234,3 +234,22 @@ async def test_a_log_that_lost_writes_is_detected_and_restored_as_a_new_epoch(re
     assert (read.epoch, read.first, read.last, [e.seq for e in read.entries]) == ("e2", 6, 6, [6])
     token_record = await registry.get(rec.id)
     assert token_record is not None and token_record.epoch == "e2" and await registry.count_client(rec.client) == 1
+
+
+async def test_the_registry_knows_which_client_holds_a_session(registry: SessionRegistry) -> None:
+    rec = record(new_token())
+    rec.host = "host-1"
+    await registry.create(rec)
+    assert (await registry.get(rec.id)).host == "host-1"
+    sink, since = await registry.attachment(rec.id)
+    assert sink == "" and since == pytest.approx(rec.created)  # never attached: since it opened
+    assert await registry.attach(rec.id, "node-a sid1") == ""
+    assert await registry.attachment(rec.id) == ("node-a sid1", None)
+    assert await registry.attach(rec.id, "node-b sid2") == "node-a sid1"  # the newest wins
+    await registry.detach(rec.id, "node-a sid1", 100.0)  # the old one going changes nothing
+    assert await registry.attachment(rec.id) == ("node-b sid2", None)
+    await registry.detach(rec.id, "node-b sid2", 200.0)
+    assert await registry.attachment(rec.id) == ("", 200.0)
+    await registry.delete(rec.id)
+    with pytest.raises(KeyError):
+        await registry.attachment(rec.id)

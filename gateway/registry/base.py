@@ -33,6 +33,7 @@ class SessionRecord:
     client: str
     created: float
     kernel_id: str | None = None
+    host: str = ""  # the kernel host that owns its kernel and its life ("": this node)
 
 
 @dataclass
@@ -94,7 +95,20 @@ class SessionRegistry(ABC):
         """Live sessions opened from one client address."""
 
     @abstractmethod
-    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int) -> int:
+    async def attach(self, session_id: str, sink: str) -> str:
+        """Make `sink` (which node and socket) the session's client; the sink it
+        replaced, or "" if it had none."""
+
+    @abstractmethod
+    async def detach(self, session_id: str, sink: str, when: float) -> None:
+        """`sink` went away at `when` (a UNIX time), unless another has taken over."""
+
+    @abstractmethod
+    async def attachment(self, session_id: str) -> tuple[str, float | None]:
+        """The session's sink ("" if none), and since when it has had none."""
+
+    @abstractmethod
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int | None) -> int:
         """Add events, each `(event, data, size in bytes)`, to the session's log in one
         step and return the seq of the first (they get consecutive seqs: 1, 2, 3 ...
         over the session's life). The oldest entries go once the log is over its
@@ -102,7 +116,8 @@ class SessionRegistry(ABC):
 
         `after` is the newest seq the caller has logged. If the log's newest is not
         that, or the session is not there at all, writes were lost: LogLost, and
-        nothing is appended."""
+        nothing is appended. None appends wherever the log is (a writer that does not
+        own the log, telling of its kernel host's death)."""
 
     @abstractmethod
     async def restore(self, record: SessionRecord, last: int) -> None:

@@ -21,6 +21,7 @@ class MemoryRegistry(SessionRegistry):
         self._logs: dict[str, deque[LogEntry]] = {}
         self._last: dict[str, int] = {}
         self._clients: Counter[str] = Counter()
+        self._sinks: dict[str, tuple[str, float | None]] = {}
 
     async def create(self, record: SessionRecord, per_client: int | None = None) -> bool:
         # No await between the count and the add: atomic within the event loop.
@@ -54,6 +55,7 @@ class MemoryRegistry(SessionRegistry):
         self._logs.pop(session_id, None)
         self._last.pop(session_id, None)
         self._bytes.pop(session_id, None)
+        self._sinks.pop(session_id, None)
         self._clients[record.client] -= 1
         if self._clients[record.client] <= 0:
             del self._clients[record.client]
@@ -61,9 +63,24 @@ class MemoryRegistry(SessionRegistry):
     async def count_client(self, client: str) -> int:
         return self._clients.get(client, 0)
 
-    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int) -> int:
+    async def attach(self, session_id: str, sink: str) -> str:
+        old = self._sinks.get(session_id, ("", None))[0]
+        if session_id in self._records:
+            self._sinks[session_id] = (sink, None)
+        return old
+
+    async def detach(self, session_id: str, sink: str, when: float) -> None:
+        if session_id in self._records and self._sinks.get(session_id, ("", None))[0] == sink:
+            self._sinks[session_id] = ("", when)
+
+    async def attachment(self, session_id: str) -> tuple[str, float | None]:
+        if session_id not in self._records:
+            raise KeyError(session_id)
+        return self._sinks.get(session_id, ("", self._records[session_id].created))
+
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int | None) -> int:
         log = self._logs.get(session_id)
-        if log is None or self._last[session_id] != after:
+        if log is None or (after is not None and self._last[session_id] != after):
             raise LogLost(session_id)
         first = self._last[session_id] + 1
         total = self._bytes[session_id]

@@ -47,7 +47,7 @@ if limit >= 0 then
 end
 local ttl = tonumber(ARGV[4])
 redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[1], 'last', ARGV[5], 'bytes', 0, 'held', 0, unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'last', ARGV[5], 'bytes', 0, 'held', 0, 'sink', '', 'detached', '', unpack(ARGV, 6))
 redis.call('SET', KEYS[2], id, 'EX', ttl)
 redis.call('SADD', KEYS[3], id)
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -69,10 +69,24 @@ redis.call('SREM', ARGV[1] .. ':c:' .. client, ARGV[2])
 return 1
 """
 
+ATTACH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
+local old = redis.call('HGET', KEYS[1], 'sink') or ''
+redis.call('HSET', KEYS[1], 'sink', ARGV[1], 'detached', '')
+return old
+"""
+
+DETACH = """
+if redis.call('HGET', KEYS[1], 'sink') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'sink', '', 'detached', ARGV[2])
+end
+return 1
+"""
+
 APPEND = """
 local state = redis.call('HMGET', KEYS[1], 'last', 'bytes', 'held')
 -- Not there, or not where the writer left it: writes were lost.
-if not state[1] or tonumber(state[1]) ~= tonumber(ARGV[4]) then return -1 end
+if not state[1] or (ARGV[4] ~= '' and tonumber(state[1]) ~= tonumber(ARGV[4])) then return -1 end
 local last, bytes, held = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
 local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 local first = last + 1
@@ -126,6 +140,7 @@ def _decode(raw: dict[bytes, bytes]) -> SessionRecord:
         client=values["client"],
         created=float(values["created"]),
         kernel_id=values["kernel_id"] or None,
+        host=values.get("host", ""),
     )
 
 
@@ -149,6 +164,8 @@ class RedisRegistry(SessionRegistry):
         self._update = client.register_script(UPDATE)
         self._delete = client.register_script(DELETE)
         self._append = client.register_script(APPEND)
+        self._attach = client.register_script(ATTACH)
+        self._detach = client.register_script(DETACH)
 
     async def open(self) -> None:
         try:
@@ -214,9 +231,28 @@ class RedisRegistry(SessionRegistry):
                     pipe.exists(self._key("s", session_id.decode()))
                 return sum(await pipe.execute())
 
-    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int) -> int:
+    async def attach(self, session_id: str, sink: str) -> str:
         with _unavailable():
-            args: list[Any] = [self.replay_limit, self.replay_bytes, self.ttl, after]
+            old = await self._attach(keys=[self._key("s", session_id)], args=[sink])
+            return old.decode() if isinstance(old, bytes) else str(old or "")
+
+    async def detach(self, session_id: str, sink: str, when: float) -> None:
+        with _unavailable():
+            await self._detach(keys=[self._key("s", session_id)], args=[sink, when])
+
+    async def attachment(self, session_id: str) -> tuple[str, float | None]:
+        with _unavailable():
+            sink, detached, created = await self.redis.hmget(self._key("s", session_id), "sink", "detached", "created")
+        if created is None:
+            raise KeyError(session_id)
+        sink = (sink or b"").decode()
+        if sink:
+            return sink, None
+        return "", float(detached) if detached else float(created)
+
+    async def append(self, session_id: str, events: Sequence[tuple[str, Any, int]], after: int | None) -> int:
+        with _unavailable():
+            args: list[Any] = [self.replay_limit, self.replay_bytes, self.ttl, "" if after is None else after]
             for event, data, size in events:
                 args += [event, msgpack.packb(data, use_bin_type=True, default=str), size]
             first = await self._append(keys=[self._key("s", session_id), self._key("l", session_id)], args=args)
@@ -236,15 +272,10 @@ class RedisRegistry(SessionRegistry):
                 raise KeyError(session_id)
             last = int(last)
             first = _seq(oldest[0][0]) if oldest else last + 1
-            return LogRead(
-                epoch.decode(),
-                first,
-                last,
-                [
-                    LogEntry(_seq(entry_id), f[b"e"].decode(), msgpack.unpackb(f[b"d"], raw=False), int(f[b"n"]))
-                    for entry_id, f in entries
-                ],
-            )
+            return LogRead(epoch.decode(), first, last, [log_entry(entry_id, f) for entry_id, f in entries])
+
+    def log_key(self, session_id: str) -> str:
+        return self._key("l", session_id)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -257,6 +288,11 @@ def _unavailable() -> Iterator[None]:
         yield
     except (redis.RedisError, OSError) as exc:
         raise RegistryUnavailable(f"Redis: {exc}") from exc
+
+
+def log_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
+    """One entry of a session's log stream, decoded."""
+    return LogEntry(_seq(entry_id), fields[b"e"].decode(), msgpack.unpackb(fields[b"d"], raw=False), int(fields[b"n"]))
 
 
 def _seq(entry_id: bytes) -> int:

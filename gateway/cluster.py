@@ -1,0 +1,120 @@
+"""What gateway nodes and kernel hosts tell each other through Redis.
+
+    <p>:hosts            SET     kernel host ids
+    <p>:host:<id>        STRING  a host's heartbeat (JSON: free places, kernel counts,
+                                 isolation), expiring EXPIRY s after its last beat
+    <p>:hs:<id>          SET     the sessions a host owns
+    <p>:in:<id>          STREAM  client messages for a host's sessions: s (session),
+                                 c (channel, or "open"), m (the message, msgpack)
+    <p>:node:<id>        STRING  a gateway node's heartbeat, expiring the same way
+    <p>:reap:<id>        STRING  held by the one node that reaps a dead host
+
+Client messages reach a host through its own stream, in the order each node sent them
+(one script each, which reads the session's current host and refuses a session that
+has ended). Everything a host
+sends a client goes through the session's replay log (gateway/registry/redis.py),
+which the node holding the client's socket follows (gateway/follower.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import msgpack
+import redis.asyncio as redis
+
+from gateway.errors import CellgateError
+
+BEAT = 1.0  # seconds between heartbeats
+EXPIRY = 5  # seconds after its last heartbeat that a node or host counts as dead
+INBOX_MAX = 100_000  # entries kept in a host's stream (it reads them as they come)
+
+SEND = """
+local host = redis.call('HGET', KEYS[1], 'host')
+if not host or host == '' then return 0 end
+redis.call('XADD', ARGV[1] .. ':in:' .. host, 'MAXLEN', '~', ARGV[2], '*', 's', ARGV[3], 'c', ARGV[4], 'm', ARGV[5])
+return 1
+"""
+
+
+class Cluster:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._send = client.register_script(SEND)
+
+    def key(self, kind: str, name: str = "") -> str:
+        return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
+
+    # -- heartbeats -----------------------------------------------------------------------
+
+    async def host_beat(self, host_id: str, report: dict[str, Any]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.key("host", host_id), json.dumps({**report, "at": time.time()}), ex=EXPIRY)
+            pipe.sadd(self.key("hosts"), host_id)
+            await pipe.execute()
+
+    async def host_gone(self, host_id: str) -> None:
+        """A host that stops says so at once, instead of letting its beat expire."""
+        await self.redis.delete(self.key("host", host_id))
+
+    async def node_beat(self, node_id: str) -> None:
+        await self.redis.set(self.key("node", node_id), "1", ex=EXPIRY)
+
+    async def node_alive(self, node_id: str) -> bool:
+        return bool(await self.redis.exists(self.key("node", node_id)))
+
+    async def hosts(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """The live hosts with their last reports, and the ids of hosts that died."""
+        ids = sorted(i.decode() for i in await self.redis.smembers(self.key("hosts")))
+        reports = await self.redis.mget([self.key("host", i) for i in ids]) if ids else []
+        live = {i: json.loads(r) for i, r in zip(ids, reports, strict=True) if r is not None}
+        return live, [i for i in ids if i not in live]
+
+    async def pick_host(self) -> str:
+        """The live host with the most free kernel places."""
+        live, _ = await self.hosts()
+        if not live:
+            raise CellgateError("capacity_node", "no kernel host is running")
+        return max(live, key=lambda i: (live[i].get("free", 0), i))
+
+    # -- sessions and their messages --------------------------------------------------------
+
+    async def assign(self, session_id: str, host_id: str) -> None:
+        await self.redis.sadd(self.key("hs", host_id), session_id)
+
+    async def unassign(self, session_id: str, host_id: str) -> None:
+        await self.redis.srem(self.key("hs", host_id), session_id)
+
+    async def send(self, session_id: str, channel: str, msg: Any) -> bool:
+        """Queue a client message for the host that owns the session now (read in the
+        same step, so a session moved off a dead host follows at once); False if the
+        session has ended."""
+        keys = [self.key("s", session_id)]
+        args = [self.prefix, INBOX_MAX, session_id, channel, msgpack.packb(msg, use_bin_type=True)]
+        return bool(await self._send(keys=keys, args=args))
+
+    async def receive(self, host_id: str, after: str, block_ms: int) -> list[tuple[str, str, str, Any]]:
+        """Client messages for this host after stream id `after`: (id, session, channel, message)."""
+        answer = await self.redis.xread({self.key("in", host_id): after}, block=block_ms, count=500)
+        out = []
+        for _, entries in answer or []:
+            for entry_id, f in entries:
+                out.append((entry_id.decode(), f[b"s"].decode(), f[b"c"].decode(), msgpack.unpackb(f[b"m"], raw=False)))
+        return out
+
+    # -- a host that died ------------------------------------------------------------------
+
+    async def claim(self, host_id: str, node_id: str) -> list[str] | None:
+        """The sessions of dead host `host_id`, if this node is the one to reap it."""
+        if not await self.redis.set(self.key("reap", host_id), node_id, nx=True, ex=300):
+            return None
+        return [s.decode() for s in await self.redis.smembers(self.key("hs", host_id))]
+
+    async def forget_host(self, host_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.srem(self.key("hosts"), host_id)
+            pipe.delete(self.key("hs", host_id), self.key("in", host_id))
+            await pipe.execute()
