@@ -1,13 +1,15 @@
-"""What the Redis registry costs: round trips next to the in-process registry and to
-jupyter_client direct, and the Redis commands one relayed message takes.
+"""What Redis costs: round trips through a node on the Redis registry, and through a
+node whose kernel is on a kernel host, next to the in-process registry and to
+jupyter_client direct; and the Redis commands one relayed message takes on each.
 
     .venv/bin/python bench/registry.py            # 300 rounds each
     .venv/bin/python bench/registry.py --quick    # 50 rounds
 
 A redis-server (started here, on loopback) backs one gateway node; another node uses
-the in-process registry. Both run as their own processes; the paths are measured
-interleaved, round by round. Redis commands are counted with INFO commandstats, and
-relayed messages with the node's own cellgate_messages_total.
+the in-process registry; a second redis-server carries a kernel host and a node with
+--remote-kernels. All run as their own processes; the paths are measured interleaved,
+round by round. Redis commands are counted with INFO commandstats, and relayed
+messages with the node's own cellgate_messages_total.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gateway.client import Client  # noqa: E402
 from tests.redisserver import redis_server  # noqa: E402
 
 
-def start_node(port: int, extra: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_node(port: int, extra: dict[str, str], module: str = "gateway") -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "CELLGATE_PORT": str(port),
@@ -40,7 +42,7 @@ def start_node(port: int, extra: dict[str, str]) -> subprocess.Popen[bytes]:
         "CELLGATE_STORE_DIR": "/tmp/cellgate-bench-store",
         **extra,
     }
-    return subprocess.Popen([sys.executable, "-m", "gateway"], env=env, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT)
 
 
 async def relayed(url: str) -> float:
@@ -55,8 +57,9 @@ async def relayed(url: str) -> float:
     )
 
 
-# Commands a node sends itself; everything else in commandstats ran inside its scripts.
-TOP_LEVEL = ("evalsha", "eval", "hgetall", "get", "smembers", "exists", "hmget", "xrange", "multi", "exec", "ping")
+# Commands nodes and hosts send themselves (the scripts' own commands are counted apart
+# only where no script uses them: xread, set, mget, ...).
+TOP_LEVEL = ("evalsha", "eval", "hgetall", "get", "set", "mget", "smembers", "sadd", "exists", "xread", "multi")
 
 
 def commands(client: redis.Redis) -> tuple[int, int]:
@@ -64,7 +67,7 @@ def commands(client: redis.Redis) -> tuple[int, int]:
     stats: dict[str, Any] = client.info("commandstats")
     calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
     calls.pop("info", None)
-    sent = sum(calls.get(name, 0) for name in TOP_LEVEL if name in ("evalsha", "eval", "hgetall", "get", "smembers"))
+    sent = sum(calls.get(name, 0) for name in TOP_LEVEL)
     return sent, sum(calls.values())
 
 
@@ -86,11 +89,15 @@ async def main() -> None:
     n = 50 if parser.parse_args().quick else 300
     direct = Direct()
     await direct.start()
-    with redis_server(["appendonly yes", "appendfsync everysec"]) as server:
-        nodes = {"memory": free_port(), "redis": free_port()}
+    persistent = ["appendonly yes", "appendfsync everysec"]
+    with redis_server(persistent) as server, redis_server(persistent) as cluster_redis:
+        nodes = {"memory": free_port(), "redis": free_port(), "cluster": free_port()}
+        on_cluster = {"CELLGATE_REDIS": cluster_redis.url, "CELLGATE_REDIS_PREFIX": "bench"}
         procs = [
             start_node(nodes["memory"], {}),
             start_node(nodes["redis"], {"CELLGATE_REDIS": server.url, "CELLGATE_REDIS_PREFIX": "bench"}),
+            start_node(0, on_cluster, module="kernels.host"),
+            start_node(nodes["cluster"], {**on_cluster, "CELLGATE_REMOTE_KERNELS": "true"}),
         ]
         try:
             clients = {}
@@ -108,6 +115,7 @@ async def main() -> None:
                 "jupyter_client direct": direct.run,
                 "Cellgate, in-process registry": lambda code: through(clients["memory"], code),
                 "Cellgate, Redis registry": lambda code: through(clients["redis"], code),
+                "Cellgate, node + Redis + kernel host": lambda code: through(clients["cluster"], code),
             }
             for path in paths.values():
                 for _ in range(10):
@@ -117,11 +125,16 @@ async def main() -> None:
                 for name, path in paths.items():
                     rt[name].append(await timed_once(path, "1+1"))
 
-            counter = redis.Redis.from_url(server.url)
-            redis_url = f"http://127.0.0.1:{nodes['redis']}"
-            small = await ops_per_message(clients["redis"], redis_url, counter, "1+1", 50)
-            flood = await ops_per_message(clients["redis"], redis_url, counter, FLOOD, 3)
-            counter.close()
+            costs = {}
+            for name, where in (("Redis registry", server), ("node + kernel host", cluster_redis)):
+                key = "redis" if where is server else "cluster"
+                counter = redis.Redis.from_url(where.url)
+                node_url = f"http://127.0.0.1:{nodes[key]}"
+                costs[name] = (
+                    await ops_per_message(clients[key], node_url, counter, "1+1", 50),
+                    await ops_per_message(clients[key], node_url, counter, FLOOD, 3),
+                )
+                counter.close()
             for c in clients.values():
                 await c.shutdown()
                 await c.drop()
@@ -139,8 +152,10 @@ async def main() -> None:
         print(f"{name:34} {med:10.2f} {p90:9.2f} {med / d_med:9.2f}")
     print("\nRedis per message relayed to the client (INFO commandstats): round trips, and every")
     print("command executed, those inside the Lua scripts included")
-    for what, (trips, everything, per_run) in (("1+1", small), ("20,000-line flood", flood)):
-        print(f"  {what:18} ({per_run:.0f} messages a run): {trips:.2f} round trips, {everything:.2f} commands")
+    for name, (small, flood) in costs.items():
+        print(f"  {name}")
+        for what, (trips, everything, per_run) in (("1+1", small), ("20,000-line flood", flood)):
+            print(f"    {what:18} ({per_run:.0f} messages a run): {trips:.2f} round trips, {everything:.2f} commands")
 
 
 if __name__ == "__main__":

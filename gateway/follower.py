@@ -44,6 +44,7 @@ class Follower:
         self.follows: dict[str, Follow] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def follow(self, session_id: str, sink: Sink, last: int) -> None:
         self.follows[session_id] = Follow(sink, last)
@@ -96,4 +97,6 @@ class Follower:
             log.debug("session %s: delivery failed", session_id, exc_info=True)
         if entry.event == "kernel" and entry.data.get("state") in ENDING:
             self.unfollow(session_id, follow.sink)
-            asyncio.get_running_loop().create_task(follow.sink.close(entry.data["state"]))
+            task = asyncio.create_task(follow.sink.close(entry.data["state"]))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)

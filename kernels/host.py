@@ -86,7 +86,9 @@ class KernelHost:
             await asyncio.sleep(BEAT)
 
     async def _receive(self) -> None:
-        after = "$"
+        # The stream is this host's own, new with its id: reading it from the start
+        # misses nothing a node queued before the first read began.
+        after = "0-0"
         while True:
             try:
                 entries = await self.cluster.receive(self.id, after, block_ms=1000)

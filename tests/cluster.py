@@ -1,11 +1,12 @@
 """Real cluster processes for the tests: gateway nodes and kernel hosts, each its own
-process on loopback, sharing a redis-server and a store directory."""
+process on loopback, sharing a redis-server and a store (S3, as in production)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from tests.conftest import UNPRIVILEGED
 from tests.s3server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,23 +57,25 @@ class Process:
 @dataclass
 class Cluster:
     redis_url: str
-    directory: Path
+    directory: Path  # others may pass through it (0755): an unprivileged node works in it
+    store: dict[str, str]  # the shared store's settings
     prefix: str = "cluster"
     processes: list[Process] = field(default_factory=list)
 
     def _env(self, **settings: str) -> dict[str, str]:
         env = {**os.environ, "CELLGATE_REDIS": self.redis_url, "CELLGATE_REDIS_PREFIX": self.prefix}
-        env["CELLGATE_STORE_DIR"] = str(self.directory / "store")  # shared, as S3 would be
         env["CELLGATE_LOG_LEVEL"] = "info"
-        env.update({"CELLGATE_" + k.upper(): v for k, v in settings.items()})
+        for name in ("home", "tmpdir"):
+            if name in settings:
+                env[name.upper()] = settings.pop(name)
+        env.update({"CELLGATE_" + k.upper(): str(v) for k, v in {**self.store, **settings}.items()})
         return env
 
-    def _start(self, args: list[str], name: str, **settings: str) -> Process:
+    def _start(self, args: list[str], name: str, wrap: list[str] | None = None, **settings: str) -> Process:
         log = self.directory / f"{name}-{len(self.processes)}.log"
+        argv = [*(wrap or [sys.executable]), *args]
         with open(log, "wb") as out:
-            popen = subprocess.Popen(
-                [sys.executable, *args], env=self._env(**settings), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
+            popen = subprocess.Popen(argv, env=self._env(**settings), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         process = Process(popen, log)
         self.processes.append(process)
         return process
@@ -81,10 +85,18 @@ class Cluster:
         settings.setdefault("spool_dir", str(self.directory / f"spool-host-{len(self.processes)}"))
         return self._start(["-m", "kernels.host"], "host", **settings)
 
-    def node(self, **settings: str) -> Process:
+    def node(self, run_as: list[str] | None = None, **settings: str) -> Process:
+        """A gateway node; `run_as` is the command that runs Python as another user."""
         port = free_port()
-        settings.setdefault("spool_dir", str(self.directory / f"spool-node-{port}"))
-        process = self._start(["-m", "gateway", "--remote-kernels", "true", "--port", str(port)], "node", **settings)
+        home = self.directory / f"node-{port}"
+        home.mkdir(mode=0o700)
+        if run_as is not None:
+            user = pwd.getpwnam(UNPRIVILEGED)
+            os.chown(home, user.pw_uid, user.pw_gid)
+            settings.update(home=str(home), tmpdir=str(home))  # not CELLGATE_: plain HOME, TMPDIR
+        settings.setdefault("spool_dir", str(home / "spool"))
+        args = ["-m", "gateway", "--remote-kernels", "true", "--port", str(port)]
+        process = self._start(args, "node", wrap=run_as, **settings)
         process.port = port
         return process
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
+import shutil
 import socket
 import stat
+import subprocess
+import sys
+import sysconfig
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -277,3 +283,42 @@ def redis() -> Iterator[RedisServer]:
     """A redis-server for the whole run; each test keeps to a key prefix of its own."""
     with redis_server() as server:
         yield server
+
+
+# -- a user without root, for what must hold without it ---------------------------------
+
+ROOT = os.geteuid() == 0
+UNPRIVILEGED = "nobody"
+
+
+@pytest.fixture(scope="session")
+def unprivileged_python() -> Iterator[str]:
+    """A Python that an unprivileged user can run with our packages: a venv made from
+    the system interpreter whose site points at this venv's packages (this venv's own
+    interpreter may live under a home others cannot enter)."""
+    if not ROOT:
+        yield sys.executable
+        return
+    venv = Path(tempfile.mkdtemp(prefix="cellgate-unprivileged-python-"))  # pytest's own tmp is 0700
+    os.chmod(venv, 0o755)
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
+    site.joinpath("cellgate-packages.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n"
+    )
+    python = str(venv / "bin" / "python")
+    check = as_unprivileged([python, "-c", "import gateway, kernels, ipykernel"], cwd="/")
+    assert check.returncode == 0, f"{UNPRIVILEGED} cannot import the project: {check.stderr}"
+    yield python
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def as_unprivileged(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(unprivileged(argv), capture_output=True, text=True, timeout=120, **kwargs)  # type: ignore[call-overload]
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    if not ROOT:
+        return argv
+    user = pwd.getpwnam(UNPRIVILEGED)
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv]

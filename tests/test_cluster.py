@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,7 +19,9 @@ import pytest_asyncio
 
 from gateway.client import Client, Refused
 from tests.cluster import Cluster
+from tests.conftest import ROOT, unprivileged
 from tests.redisserver import RedisServer, redis_server
+from tests.s3server import S3Server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -32,21 +37,27 @@ def cluster_redis() -> Iterator[RedisServer]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def cluster(cluster_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
-    """Two kernel hosts and two gateway nodes; tests may start and kill more."""
-    c = Cluster(cluster_redis.url, Path(tmp_path_factory.mktemp("cluster")))
+async def cluster(cluster_redis: RedisServer, s3: S3Server, unprivileged_python: str) -> AsyncIterator[Cluster]:
+    """Two kernel hosts (as root) and two gateway nodes, the second as an unprivileged
+    user, sharing a bucket; tests may start and kill more."""
+    directory = Path(tempfile.mkdtemp(prefix="cellgate-cluster-"))
+    os.chmod(directory, 0o755)
+    c = Cluster(cluster_redis.url, directory, store=s3.settings(prefix="cluster"))
     try:
         c.host(max_kernels="8", resume_grace="3")
         c.host(max_kernels="8", resume_grace="3")
-        for _ in range(2):
-            c.node(sessions_per_client="50")
+        c.node(sessions_per_client="50")
+        unprivileged_node = c.node(run_as=unprivileged([unprivileged_python]), sessions_per_client="50")
         for node in c.processes[2:]:
             await c.wait(node, max_kernels=16)
+        # The node runs without root, and serves all the same (the tests below use it).
+        assert psutil.Process(unprivileged_node.popen.pid).uids().effective != 0 or not ROOT
         yield c
     finally:
         c.stop()
+        text = "".join(p.log.read_text(errors="replace") for p in c.processes)
+        shutil.rmtree(directory, ignore_errors=True)
     # A host killed on purpose is told in one WARNING; nothing else may sound alarming.
-    text = "".join(p.log.read_text(errors="replace") for p in c.processes)
     alarming = [line for line in text.splitlines() if any(w in line for w in ("ERROR", "Traceback", "Unclosed"))]
     assert alarming == [], c.logs()
 
@@ -120,7 +131,7 @@ async def test_service_and_files_through_a_node_of_kernel_hosts(cluster: Cluster
         code = "print('out')\nopen('made.txt', 'w').write('on a host')\n40 + 2"
         async with http.post(node.url + "/service", json={"code": code}) as r:
             body = await r.json()
-        assert r.status == 200 and body["success"] and body["stdout"] == "out\n"
+        assert r.status == 200 and body["success"] and body["stdout"] == "out\n", (body, cluster.logs())
         assert [f["name"] for f in body["files"]] == ["made.txt"]
         # Stored by the host, served by any node (they share the store, as with S3).
         async with http.get(cluster.processes[3].url + body["files"][0]["url"]) as r:

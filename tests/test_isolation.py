@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,49 +32,26 @@ from kernels.isolation import FENCES
 from kernels.kernel import KernelSpec
 from kernels.pool import KernelPool
 from kernels.provisioner import ForkServerError
-from tests.conftest import FILL, ClientFactory, Gateway, GatewayFactory, host_sockets, planted_sockets, reach_code
+from tests.conftest import (
+    FILL,
+    ROOT,
+    UNPRIVILEGED,
+    ClientFactory,
+    Gateway,
+    GatewayFactory,
+    as_unprivileged,
+    host_sockets,
+    planted_sockets,
+    reach_code,
+    unprivileged,
+)
 
-ROOT = os.geteuid() == 0
-UNPRIVILEGED = "nobody"
 PROJECT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def transport() -> list[str]:
     return ["websocket"]
-
-
-@pytest.fixture(scope="session")
-def unprivileged_python() -> Iterator[str]:
-    """A Python that an unprivileged user can run with our packages: a venv made from
-    the system interpreter whose site points at this venv's packages (this venv's own
-    interpreter may live under a home others cannot enter)."""
-    if not ROOT:
-        yield sys.executable
-        return
-    venv = Path(tempfile.mkdtemp(prefix="cellgate-unprivileged-python-"))  # pytest's own tmp is 0700
-    os.chmod(venv, 0o755)
-    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
-    site.joinpath("cellgate-packages.pth").write_text(
-        f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n"
-    )
-    python = str(venv / "bin" / "python")
-    check = as_unprivileged([python, "-c", "import gateway, kernels, ipykernel"], cwd="/")
-    assert check.returncode == 0, f"{UNPRIVILEGED} cannot import the project: {check.stderr}"
-    yield python
-    shutil.rmtree(venv, ignore_errors=True)
-
-
-def as_unprivileged(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(unprivileged(argv), capture_output=True, text=True, timeout=120, **kwargs)  # type: ignore[call-overload]
-
-
-def unprivileged(argv: list[str]) -> list[str]:
-    if not ROOT:
-        return argv
-    user = pwd.getpwnam(UNPRIVILEGED)
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv]
 
 
 @pytest.fixture
