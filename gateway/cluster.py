@@ -32,17 +32,30 @@ EXPIRY = 5  # seconds after its last heartbeat that a node or host counts as dea
 INBOX_MAX = 100_000  # entries kept in a host's stream (it reads them as they come)
 
 SEND = """
-local host = redis.call('HGET', KEYS[1], 'host')
+local state = redis.call('HMGET', KEYS[1], 'host', 'rt', 'ra')
+local host = state[1]
 if not host or host == '' then return 0 end
+local rate, burst = tonumber(ARGV[6]), tonumber(ARGV[7])
+if rate > 0 then  -- the session's token bucket (gateway/ratelimit.py)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local tokens = math.min(burst, (tonumber(state[2]) or burst) + (now - (tonumber(state[3]) or now)) * rate)
+  if tokens < 1 then
+    redis.call('HSET', KEYS[1], 'rt', tokens, 'ra', now)
+    return 2
+  end
+  redis.call('HSET', KEYS[1], 'rt', tokens - 1, 'ra', now)
+end
 redis.call('XADD', ARGV[1] .. ':in:' .. host, 'MAXLEN', '~', ARGV[2], '*', 's', ARGV[3], 'c', ARGV[4], 'm', ARGV[5])
 return 1
 """
 
 
 class Cluster:
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, rate: float = 0.0, burst: int = 0) -> None:
         self.redis = client
         self.prefix = prefix
+        self.rate, self.burst = rate, burst  # client messages per session (gateway/ratelimit.py)
         self._send = client.register_script(SEND)
 
     def key(self, kind: str, name: str = "") -> str:
@@ -88,13 +101,17 @@ class Cluster:
     async def unassign(self, session_id: str, host_id: str) -> None:
         await self.redis.srem(self.key("hs", host_id), session_id)
 
-    async def send(self, session_id: str, channel: str, msg: Any) -> bool:
+    async def send(self, session_id: str, channel: str, msg: Any, counted: bool = True) -> bool:
         """Queue a client message for the host that owns the session now (read in the
         same step, so a session moved off a dead host follows at once); False if the
-        session has ended."""
+        session has ended, CellgateError rate_limited past the session's rate."""
         keys = [self.key("s", session_id)]
-        args = [self.prefix, INBOX_MAX, session_id, channel, msgpack.packb(msg, use_bin_type=True)]
-        return bool(await self._send(keys=keys, args=args))
+        rate = self.rate if counted else 0
+        args = [self.prefix, INBOX_MAX, session_id, channel, msgpack.packb(msg, use_bin_type=True), rate, self.burst]
+        sent = await self._send(keys=keys, args=args)
+        if sent == 2:
+            raise CellgateError("rate_limited", "too many messages: slow down and send again")
+        return bool(sent)
 
     async def receive(self, host_id: str, after: str, block_ms: int) -> list[tuple[str, str, str, Any]]:
         """Client messages for this host after stream id `after`: (id, session, channel, message)."""

@@ -43,6 +43,8 @@ class Config:
     sessions_per_client: int = _setting(5, "live sessions per client address")
     trusted_proxies: str = _setting("", "comma-separated proxy addresses whose X-Forwarded-For is believed")
     message_limit: int = _setting(1 * MiB, "largest client message in bytes (too_large above it)")
+    message_rate: float = _setting(100.0, "client messages a session may send per second, on average (0: no limit)")
+    message_burst: int = _setting(500, "client messages a session may send at once, above the rate")
     output_cap: int = _setting(16 * MiB, "output bytes per execution, every message type, before output_capped")
     session_output_cap: int = _setting(
         16 * MiB, "output bytes while no request is outstanding (widgets, threads), renewed by each client message"
@@ -195,12 +197,19 @@ def validate(config: Config) -> None:
     problems = []
     if not config.allowed_kernels:
         problems.append("--kernels names no kernel")
-    for name in ("pool_size", "sessions_per_client", "max_files", "file_retention", "permalink_retention"):
+    for name in (
+        "pool_size",
+        "sessions_per_client",
+        "max_files",
+        "file_retention",
+        "permalink_retention",
+        "message_rate",
+    ):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative")
     positive = ("max_kernels", "message_limit", "output_cap", "file_cap", "replay_limit", "replay_bytes", "port")
     positive += ("execution_timeout", "kernel_address_space", "kernel_open_files", "session_output_cap")
-    positive += ("kernel_message_limit", "client_buffer", "store_timeout", "spool_size")
+    positive += ("kernel_message_limit", "client_buffer", "store_timeout", "spool_size", "message_burst")
     for name in positive:
         if getattr(config, name) <= 0 and not (name == "port" and config.port == 0):
             problems.append(f"--{name.replace('_', '-')} must be positive")

@@ -109,12 +109,20 @@ class RemoteSession:
         await self._send("upload", {"name": name, "data": data}, None)
         return {"name": name, "size": len(data)}
 
+    def admit(self, msg_id: str | None = None) -> None:
+        return None  # the rate is counted in Redis, by the script that queues the message
+
     async def _send(self, channel: str, msg: Any, msg_id: str | None) -> None:
         extra = {"msg_id": msg_id} if msg_id else {}
         async with self._lock:
             try:
-                sent = await self.manager.cluster.send(self.id, channel, msg)
-            except Exception:
+                # An interrupt or a shutdown always gets through the session's rate.
+                sent = await self.manager.cluster.send(self.id, channel, msg, counted=channel != "control")
+            except CellgateError as exc:
+                exc.extra.update(extra)
+                raise
+            except Exception as exc:
+                log.warning("session %s: queueing a message failed: %r", self.id, exc)
                 raise CellgateError("capacity_node", "the session registry cannot be reached", **extra) from None
         if not sent:
             raise CellgateError("kernel_dead", "this session has ended", **extra)
@@ -166,7 +174,7 @@ class RemoteSessionManager:
         self.store = store
         self.metrics = metrics
         self.node_id = uuid.uuid4().hex[:12]
-        self.cluster = Cluster(registry.redis, config.redis_prefix)
+        self.cluster = Cluster(registry.redis, config.redis_prefix, config.message_rate, config.message_burst)
         self.follower = Follower(registry, metrics)
         self.pool = Hosts()
         self.base_url = config.public_url.rstrip("/")
@@ -216,7 +224,7 @@ class RemoteSessionManager:
                     "capacity_client", f"{self.config.sessions_per_client} sessions are already open from your address"
                 )
             await self.cluster.assign(record.id, host)
-            await self.cluster.send(record.id, "open", {})  # the host takes on its life now
+            await self.cluster.send(record.id, "open", {}, counted=False)  # the host takes on its life now
         except (RegistryUnavailable, OSError, ConnectionError) as exc:
             raise CellgateError("capacity_node", f"the session registry cannot be reached: {exc}") from None
         return RemoteSession(self, record), token
@@ -280,7 +288,7 @@ class RemoteSessionManager:
                 await self.registry.append(session_id, [("kernel", dead, 256)], after=None)
             if record.host:
                 await self.cluster.assign(session_id, record.host)
-                await self.cluster.send(session_id, "open", {})
+                await self.cluster.send(session_id, "open", {}, counted=False)
         await self.cluster.forget_host(host)
 
     async def close(self) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import CellgateError
 from gateway.files import FileReporter
+from gateway.ratelimit import TokenBucket
 from gateway.registry import SessionRecord
 from gateway.registry.base import LogLost
 from gateway.replay import replay
@@ -124,6 +125,7 @@ class Session:
         self._spin_since: float | None = None  # CPU-busy with nothing outstanding since
         self._spin_told: float | None = None
         self._last_msg_id: str | None = None
+        self._rate = TokenBucket(self.config.message_rate, self.config.message_burst)
         self.files = FileReporter(
             self.config, manager.spool, manager.file_url, manager.metrics, self.publish, record.id
         )
@@ -281,6 +283,12 @@ class Session:
         self.last_activity = time.monotonic()
         if self._between.used:
             self._between = Budget(self.config.session_output_cap, None)
+
+    def admit(self, msg_id: str | None = None) -> None:
+        """A client message counts against the session's rate; rate_limited past it."""
+        if not self._rate.take():
+            extra = {"msg_id": msg_id} if msg_id else {}
+            raise CellgateError("rate_limited", "too many messages: slow down and send again", **extra)
 
     async def to_kernel(self, channel: str, msg: dict[str, Any]) -> None:
         """Queue a validated message for the kernel, attaching one if the session needs it."""

@@ -288,6 +288,8 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
             return fail(CellgateError("token_invalid", "this socket has no session"))
         try:
             msg = validate(channel, data, config.message_limit, conn.session.id)
+            if channel != "control":  # an interrupt or a shutdown always gets through
+                conn.session.admit(msg["header"]["msg_id"])
             await conn.session.to_kernel(channel, msg)
         except CellgateError as exc:
             return fail(exc, data)
@@ -314,6 +316,7 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
             if not isinstance(data, dict) or not isinstance(data.get("data"), bytes | bytearray):
                 raise CellgateError("bad_message", "upload takes {name, data: <binary>}")
             name = check_filename(data.get("name"))
+            conn.session.admit()
             if len(data["data"]) > config.message_limit:
                 raise CellgateError("too_large", f"uploads over {config.message_limit} bytes go to POST /upload")
             result = await conn.session.upload(name, bytes(data["data"]))

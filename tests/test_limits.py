@@ -127,3 +127,21 @@ async def test_pool_refills_in_the_background(pool: KernelPool, start_gateway: G
     assert pool.counts()["warm"] == pool.size, (pool.counts(), pool.last_error)
     await c.drop()
     await gw.end_sessions()
+
+
+async def test_a_session_over_its_message_rate_is_told_to_slow_down(
+    start_gateway: GatewayFactory, transport: list[str]
+) -> None:
+    gw = await start_gateway(message_rate=5, message_burst=10)
+    async with Client(gw.url, transports=transport) as c:
+        codes = []
+        for _ in range(20):  # at once: the burst goes through, the rest is refused
+            try:
+                await c.request("shell", "kernel_info_request", {})
+                codes.append("ok")
+            except Refused as exc:
+                codes.append(exc.code)
+        assert codes.count("ok") in (10, 11) and set(codes[12:]) == {"rate_limited"}
+        await asyncio.sleep(1.0)  # the bucket refills at 5 a second
+        assert (await c.execute("1 + 1")).result == {"text/plain": "2"}
+        await c.shutdown()
