@@ -26,7 +26,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.latency import free_port, wait_ready  # noqa: E402
+from bench.latency import close_all, free_port, wait_ready  # noqa: E402
 from gateway.client import Client  # noqa: E402
 from tests.s3server import REGION, s3_server  # noqa: E402
 
@@ -78,6 +78,7 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true")
     rounds = 10 if parser.parse_args().quick else 40
     os.environ.update(CREDENTIALS)
+    clients: dict[str, TimedClient] = {}
     with s3_server() as s3, tempfile.TemporaryDirectory(prefix="cellgate-bench-files-") as tmp:
         s3.client().create_bucket(Bucket=s3.bucket)
         settings = {
@@ -91,7 +92,6 @@ async def main() -> None:
             start_node(nodes["s3 (moto)"], os.path.join(tmp, "s3"), settings),
         ]
         try:
-            clients = {}
             for name, port in nodes.items():
                 await wait_ready(f"http://127.0.0.1:{port}")
                 clients[name] = TimedClient(f"http://127.0.0.1:{port}", transports=["websocket"], timeout=60)
@@ -101,13 +101,8 @@ async def main() -> None:
             for _ in range(rounds):
                 for name, c in clients.items():
                     samples[name].append(await one_round(c))
-            for c in clients.values():
-                await c.shutdown()
-                await c.drop()
         finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(30)
+            await close_all(clients.values(), procs)
     print(f"execute_reply -> files event, 1 MiB file, {rounds} rounds each (ms)")
     print(f"{'store':<12}{'median':>10}{'p90':>10}")
     for name, values in samples.items():

@@ -131,6 +131,30 @@ async def wait_ready(url: str) -> None:
     raise RuntimeError("gateway did not become ready")
 
 
+async def interleaved(paths: dict[str, Callable[[str], Awaitable[Any]]], code: str, n: int) -> dict[str, list[float]]:
+    """`n` timed rounds of `code` on each path, after 10 untimed ones. Interleaved, round
+    by round, so that every path sees the same machine: on a small shared host,
+    minutes apart can differ by more than the paths do."""
+    for path in paths.values():
+        for _ in range(10):
+            await path(code)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(n):
+        for name, path in paths.items():
+            times[name].append(await timed_once(path, code))
+    return times
+
+
+async def close_all(clients: Any, procs: list[subprocess.Popen[bytes]]) -> None:
+    """End every client's session, then stop the processes."""
+    for c in clients:
+        await c.shutdown()
+        await c.drop()
+    for proc in procs:
+        proc.terminate()
+        proc.wait(30)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -160,20 +184,12 @@ async def main() -> None:
                 assert run.result == {"text/plain": "2"}
             c.events.clear()  # keep the client's memory flat over many rounds
 
-        # Interleaved, round by round, so that every path sees the same machine: on a
-        # small shared host, minutes apart can differ by more than the paths do.
         paths: dict[str, Callable[[str], Awaitable[Any]]] = {
             "direct": direct.run,
             "websocket": lambda code: cellgate(clients["websocket"], code),
             "polling": lambda code: cellgate(clients["polling"], code),
         }
-        for path in paths.values():
-            for _ in range(10):
-                await path("1+1")
-        rt: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(n):
-            for name, path in paths.items():
-                rt[name].append(await timed_once(path, "1+1"))
+        rt = await interleaved(paths, "1+1", n)
         flood: dict[str, list[float]] = {"direct": [], "websocket": []}
         for name in flood:
             await paths[name](FLOOD)  # warm-up

@@ -28,7 +28,7 @@ import aiohttp  # noqa: E402
 import redis  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.latency import FLOOD, Direct, free_port, summary, timed_once, wait_ready  # noqa: E402
+from bench.latency import FLOOD, Direct, close_all, free_port, interleaved, summary, wait_ready  # noqa: E402
 from gateway.client import Client  # noqa: E402
 from tests.redisserver import redis_server  # noqa: E402
 
@@ -90,6 +90,7 @@ async def main() -> None:
     direct = Direct()
     await direct.start()
     persistent = ["appendonly yes", "appendfsync everysec"]
+    clients: dict[str, Client] = {}
     with redis_server(persistent) as server, redis_server(persistent) as cluster_redis:
         nodes = {"memory": free_port(), "redis": free_port(), "cluster": free_port()}
         on_cluster = {"CELLGATE_REDIS": cluster_redis.url, "CELLGATE_REDIS_PREFIX": "bench"}
@@ -100,7 +101,6 @@ async def main() -> None:
             start_node(nodes["cluster"], {**on_cluster, "CELLGATE_REMOTE_KERNELS": "true"}),
         ]
         try:
-            clients = {}
             for name, port in nodes.items():
                 await wait_ready(f"http://127.0.0.1:{port}")
                 clients[name] = Client(f"http://127.0.0.1:{port}", transports=["websocket"], timeout=60)
@@ -117,13 +117,7 @@ async def main() -> None:
                 "Cellgate, Redis registry": lambda code: through(clients["redis"], code),
                 "Cellgate, node + Redis + kernel host": lambda code: through(clients["cluster"], code),
             }
-            for path in paths.values():
-                for _ in range(10):
-                    await path("1+1")
-            rt: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(n):
-                for name, path in paths.items():
-                    rt[name].append(await timed_once(path, "1+1"))
+            rt = await interleaved(paths, "1+1", n)
 
             costs = {}
             for name, where in (("Redis registry", server), ("node + kernel host", cluster_redis)):
@@ -135,13 +129,8 @@ async def main() -> None:
                     await ops_per_message(clients[key], node_url, counter, FLOOD, 3),
                 )
                 counter.close()
-            for c in clients.values():
-                await c.shutdown()
-                await c.drop()
         finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(30)
+            await close_all(clients.values(), procs)
             await direct.stop()
 
     d_med = summary(rt["jupyter_client direct"])[0]

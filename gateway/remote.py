@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 import uuid
 from typing import Any
 
 import socketio
+from redis.exceptions import RedisError
 
 from gateway.cluster import BEAT, Cluster
 from gateway.config import Config
@@ -31,9 +31,10 @@ from gateway.follower import Follower
 from gateway.metrics import Metrics
 from gateway.permalinks import Permalinks
 from gateway.registry import SessionRecord
-from gateway.registry.base import RegistryUnavailable, new_token, token_digest
+from gateway.registry.base import RegistryUnavailable
 from gateway.registry.redis import RedisRegistry
 from gateway.replay import replay
+from gateway.sessions import register
 from gateway.spool import Item, Spool
 from gateway.stores import BlobStore
 
@@ -204,28 +205,16 @@ class RemoteSessionManager:
         self._loops = [asyncio.create_task(self._beat()), asyncio.create_task(self._watch_hosts())]
 
     async def open(self, client: str, kernel_name: str | None = None, logged: bool = True) -> tuple[Any, str]:
-        name = kernel_name or self.config.default_kernel
-        if not isinstance(name, str) or name not in self.config.allowed_kernels:
-            raise CellgateError("no_kernel", f"no kernel named {name!r}; this node offers {self.config.kernels}")
-        token = new_token()
+        """A session on the live host with the most free places, and its resume token."""
         try:
             host = await self.cluster.pick_host()
-            record = SessionRecord(
-                id=uuid.uuid4().hex,
-                token_digest=token_digest(token),
-                epoch=secrets.token_hex(8),
-                kernel_name=name,
-                client=client,
-                created=time.time(),
-                host=host,
-            )
-            if not await self.registry.create(record, per_client=self.config.sessions_per_client):
-                raise CellgateError(
-                    "capacity_client", f"{self.config.sessions_per_client} sessions are already open from your address"
-                )
+        except (RedisError, OSError) as exc:
+            raise CellgateError("capacity_node", f"the session registry cannot be reached: {exc}") from None
+        record, token = await register(self.config, self.registry, client, kernel_name, host)
+        try:
             await self.cluster.assign(record.id, host)
             await self.cluster.send(record.id, "open", {}, counted=False)  # the host takes on its life now
-        except (RegistryUnavailable, OSError, ConnectionError) as exc:
+        except (RedisError, OSError) as exc:
             raise CellgateError("capacity_node", f"the session registry cannot be reached: {exc}") from None
         return RemoteSession(self, record), token
 

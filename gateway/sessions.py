@@ -25,6 +25,35 @@ from kernels.pool import KernelPool
 log = logging.getLogger(__name__)
 
 
+async def register(
+    config: Config, registry: SessionRegistry, client: str, kernel_name: str | None, host: str = ""
+) -> tuple[SessionRecord, str]:
+    """A new session's record, in the registry under the per-address limit, and its
+    resume token (the only time the token is seen)."""
+    name = kernel_name or config.default_kernel
+    if not isinstance(name, str) or name not in config.allowed_kernels:
+        raise CellgateError("no_kernel", f"no kernel named {name!r}; this node offers {config.kernels}")
+    token = new_token()
+    record = SessionRecord(
+        id=uuid.uuid4().hex,
+        token_digest=token_digest(token),
+        epoch=secrets.token_hex(8),
+        kernel_name=name,
+        client=client,
+        created=time.time(),
+        host=host,
+    )
+    try:
+        created = await registry.create(record, per_client=config.sessions_per_client)
+    except RegistryUnavailable:
+        raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
+    if not created:
+        raise CellgateError(
+            "capacity_client", f"{config.sessions_per_client} sessions are already open from your address"
+        )
+    return record, token
+
+
 class SessionManager:
     def __init__(
         self,
@@ -87,26 +116,7 @@ class SessionManager:
 
     async def open(self, client: str, kernel_name: str | None = None, logged: bool = True) -> tuple[Session, str]:
         """A new session and its resume token (the only time the token is seen)."""
-        name = kernel_name or self.config.default_kernel
-        if not isinstance(name, str) or name not in self.config.allowed_kernels:
-            raise CellgateError("no_kernel", f"no kernel named {name!r}; this node offers {self.config.kernels}")
-        token = new_token()
-        record = SessionRecord(
-            id=uuid.uuid4().hex,
-            token_digest=token_digest(token),
-            epoch=secrets.token_hex(8),
-            kernel_name=name,
-            client=client,
-            created=time.time(),
-        )
-        try:
-            created = await self.registry.create(record, per_client=self.config.sessions_per_client)
-        except RegistryUnavailable:
-            raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
-        if not created:
-            raise CellgateError(
-                "capacity_client", f"{self.config.sessions_per_client} sessions are already open from your address"
-            )
+        record, token = await register(self.config, self.registry, client, kernel_name)
         session = Session(self, record, logged=logged)
         self.sessions[record.id] = session
         return session, token
