@@ -63,11 +63,17 @@ class Cluster:
 
     # -- heartbeats -----------------------------------------------------------------------
 
-    async def host_beat(self, host_id: str, report: dict[str, Any]) -> None:
+    async def host_beat(self, host_id: str, report: dict[str, Any]) -> bool:
+        """Beat; False if the host had been taken for dead (and its sessions given to
+        others) since its last beat."""
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.key("reap", host_id))
             pipe.set(self.key("host", host_id), json.dumps({**report, "at": time.time()}), ex=EXPIRY)
             pipe.sadd(self.key("hosts"), host_id)
-            await pipe.execute()
+            reaped, _, _ = await pipe.execute()
+        if reaped:
+            await self.redis.delete(self.key("reap", host_id))
+        return not reaped
 
     async def host_gone(self, host_id: str) -> None:
         """A host that stops says so at once, instead of letting its beat expire."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ from gateway.messages import validate
 from gateway.remote import RemoteSessionManager
 from gateway.sessions import SessionManager
 
+log = logging.getLogger(__name__)
 SKIPPED = frozenset({"status", "execute_input", "clear_output"})
 
 
@@ -97,14 +99,17 @@ async def _run_remote(manager: RemoteSessionManager, code: str, client: str) -> 
     await session.attach(sink, token, False, None, None)
     ask = {"header": {"msg_id": uuid.uuid4().hex, "msg_type": "shutdown_request"}, "content": {"restart": False}}
     shutdown = validate("control", ask, 1 << 16, session.id)
+    stage = "running the code"
     try:
         msg = validate("shell", _request(code, msg_id), manager.config.message_limit, session.id)
         async with asyncio.timeout(timeout):
             await session.to_kernel("shell", msg)
             await sink.finished.wait()
+            stage = "ending the session"
             await session.to_kernel("control", shutdown)
             await sink.closed.wait()
     except TimeoutError:
+        log.warning("service call on session %s timed out %s (%d events seen)", session.id, stage, len(sink.events))
         with contextlib.suppress(CellgateError):
             await session.to_kernel("control", shutdown)
         raise CellgateError("timeout", f"the code ran longer than {timeout:g} s") from None

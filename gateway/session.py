@@ -179,18 +179,25 @@ class Session:
             self._seq += len(events)
             return first
         delay = 0.05
-        while True:
+        while self.life is not Life.ENDED or self.manager.sessions.get(self.id) is self:
             try:
                 first = await self.manager.registry.append(self.id, events, after=self._seq)
                 self._seq = first + len(events) - 1
                 return first
             except LogLost:
                 with contextlib.suppress(Exception):  # unreachable again: the loop retries
+                    if not await self.manager.owns(self):
+                        # Given to another kernel host while this one seemed dead: that
+                        # one serves it now, and this one lets go of it and its kernel.
+                        log.warning("session %s: taken on by another kernel host; let go here", self.id)
+                        self._spawn(self.let_go())
+                        return self._seq + 1
                     await self._new_epoch()
             except Exception as exc:
                 _registry_warnings.warning("session %s: the replay log cannot be written: %s", self.id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        return self._seq + 1  # let go of: nothing more is logged here
 
     def resume_log(self, last: int) -> None:
         """Go on from seq `last` of an existing log (a session taken on by a kernel host)."""
@@ -634,14 +641,28 @@ class Session:
             if task is not current:
                 task.cancel()
 
+    async def let_go(self) -> None:
+        """Stop serving the session here, and end its kernel: another kernel host has
+        been given it while this one seemed dead."""
+        self.life = Life.ENDED  # publishes nothing more
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            await self.manager.pool.release(kernel)
+        self._stop_tasks()
+
     async def abandon(self) -> None:
         """Stop serving the session here without ending it (a kernel host stopping):
         what was published is logged, and the session goes on elsewhere."""
         self.life = Life.ENDED
         await self.flush(timeout=2.0)
+        self._stop_tasks()
+
+    def _stop_tasks(self) -> None:
         self.manager.sessions.pop(self.id, None)
+        current = asyncio.current_task()
         for task in (self._sender, self._watchdog, *self._tasks):
-            task.cancel()
+            if task is not current:
+                task.cancel()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)

@@ -151,6 +151,12 @@ class SessionManager:
         self.sessions[record.id] = session
         return session
 
+    async def owns(self, session: Session) -> bool:
+        """Whether this process still serves `session`: a registry that lost it has
+        no other owner; on a kernel host, another host may have been given it."""
+        record = await self.registry.get(session.id)
+        return record is None or record.host == self.host_id
+
     async def client_away(self, session: Session) -> float | None:
         """Seconds since the session's client went away; None while it is there."""
         if self.cluster is None:

@@ -80,10 +80,19 @@ class KernelHost:
     async def _beat(self) -> None:
         while True:
             try:
-                await self.cluster.host_beat(self.id, self.report())
+                if not await self.cluster.host_beat(self.id, self.report()):
+                    await self._reaped()
             except Exception as exc:  # Redis away: nodes will think us dead, and reap
                 log.warning("kernel host %s: heartbeat failed: %s", self.id, exc)
             await asyncio.sleep(BEAT)
+
+    async def _reaped(self) -> None:
+        """This host stalled past its heartbeat and its sessions went to other hosts:
+        let go of each, and of its kernel, here."""
+        lost = [s for s in self.manager.sessions.values() if not await self.manager.owns(s)]
+        if lost:
+            log.warning("kernel host %s was taken for dead; %d sessions went elsewhere", self.id, len(lost))
+        await asyncio.gather(*(s.let_go() for s in lost))
 
     async def _receive(self) -> None:
         # The stream is this host's own, new with its id: reading it from the start

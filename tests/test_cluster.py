@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import aiohttp
 import psutil
 import pytest
 import pytest_asyncio
+from redis import Redis
 
 from gateway.client import Client, Refused
 from tests.cluster import Cluster
@@ -38,7 +40,9 @@ def cluster_redis() -> Iterator[RedisServer]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def cluster(cluster_redis: RedisServer, s3: S3Server, unprivileged_python: str) -> AsyncIterator[Cluster]:
+async def cluster(
+    cluster_redis: RedisServer, s3: S3Server, unprivileged_python: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Cluster]:
     """Two kernel hosts (as root) and two gateway nodes, the second as an unprivileged
     user, sharing a bucket; tests may start and kill more."""
     directory = Path(tempfile.mkdtemp(prefix="cellgate-cluster-"))
@@ -47,7 +51,7 @@ async def cluster(cluster_redis: RedisServer, s3: S3Server, unprivileged_python:
     try:
         c.host(max_kernels="8", resume_grace="3")
         c.host(max_kernels="8", resume_grace="3")
-        c.node(sessions_per_client="50")
+        c.node(sessions_per_client="50", service_timeout="60")
         unprivileged_node = c.node(run_as=unprivileged([unprivileged_python]), sessions_per_client="50")
         for node in c.processes[2:]:
             await c.wait(node, max_kernels=16)
@@ -57,6 +61,8 @@ async def cluster(cluster_redis: RedisServer, s3: S3Server, unprivileged_python:
     finally:
         c.stop()
         text = "".join(f"--- {p.log.name}\n" + p.log.read_text(errors="replace") for p in c.processes)
+        # Kept with pytest's temporary files, for a look after a failure.
+        (tmp_path_factory.mktemp("cluster-logs") / "processes.log").write_text(text)
         shutil.rmtree(directory, ignore_errors=True)
     # A host killed on purpose is told in one WARNING; nothing else may sound alarming but
     # python-socketio's own line while Redis restarts ("Cannot receive from redis...").
@@ -204,6 +210,42 @@ async def test_the_message_rate_of_a_session_holds_across_nodes(cluster: Cluster
     await a.drop()
     for node in slow:
         node.stop()
+
+
+async def test_a_host_that_stalled_past_its_heartbeat_lets_go_of_what_went_elsewhere(
+    cluster: Cluster, cluster_redis: RedisServer
+) -> None:
+    node = cluster.processes[2]
+    before = (await cluster.health(node))["max_kernels"]
+    stalled = cluster.host(max_kernels="64")  # the most free places: the next session is its
+    await cluster.wait(node, max_kernels=before + 64)
+    c = Client(node.url, transports=["websocket"], timeout=30)
+    await c.connect()
+    await c.execute("w = 1")
+    stalled.popen.send_signal(signal.SIGSTOP)  # alive, but silent past its heartbeat
+    try:
+        dead = await c.wait_event("kernel", state="dead", timeout=30)
+        assert dead["reason"] == "its kernel host stopped"
+    finally:
+        stalled.popen.send_signal(signal.SIGCONT)
+    run = await c.execute("w")  # goes on, on a fresh kernel of another host
+    assert run.error is not None and run.error["ename"] == "NameError"
+
+    # Back, the stalled host sees it was taken for dead and ends the kernel it held.
+    redis = Redis.from_url(cluster_redis.url)
+    try:
+        for _ in range(100):
+            reports = [json.loads(v) for k in redis.keys("cluster:host:*") if (v := redis.get(k))]
+            mine = [r for r in reports if r.get("max_kernels") == 64]
+            if mine and mine[0]["kernels"]["attached"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert mine and mine[0]["kernels"]["attached"] == 0, reports
+    finally:
+        redis.close()
+    await c.shutdown()
+    await c.drop()
+    stalled.stop()
 
 
 async def test_redis_restarted_mid_run_leaves_no_silent_hole(cluster: Cluster, cluster_redis: RedisServer) -> None:
