@@ -15,6 +15,7 @@ from gateway.remote import RemoteSessionManager
 from gateway.sessions import SessionManager
 
 log = logging.getLogger(__name__)
+REFUSALS = frozenset({"capacity_node", "kernel_dead", "no_kernel", "rate_limited"})
 SKIPPED = frozenset({"status", "execute_input", "clear_output"})
 
 
@@ -28,6 +29,7 @@ class Collector:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.reply: dict[str, Any] | None = None
         self.idle = False
+        self.refused: dict[str, Any] | None = None  # the code was never run: why
         self.finished = asyncio.Event()
         self.closed = asyncio.Event()
         self.sid = "service-" + uuid.uuid4().hex  # what the registry names it, on a node of kernel hosts
@@ -48,6 +50,11 @@ class Collector:
             elif event == "iopub" and msg_type == "status" and data["content"].get("execution_state") == "idle":
                 self.idle = True
         if event == "kernel" and data.get("state") == "dead":
+            self.finished.set()
+        # On a node of kernel hosts a refusal after the message was queued (no kernel
+        # place in time, say) comes as an event: the call ends with it.
+        if event == "error" and data.get("msg_id") == self.msg_id and data.get("code") in REFUSALS:
+            self.refused = data
             self.finished.set()
         if self.reply is not None and self.idle:
             self.finished.set()
@@ -107,6 +114,8 @@ async def _run_remote(manager: RemoteSessionManager, code: str, client: str) -> 
             await sink.finished.wait()
             stage = "ending the session"
             await session.to_kernel("control", shutdown)
+            if sink.refused is not None:
+                raise CellgateError(sink.refused["code"], sink.refused.get("message", ""))
             await sink.closed.wait()
     except TimeoutError:
         log.warning("service call on session %s timed out %s (%d events seen)", session.id, stage, len(sink.events))

@@ -104,14 +104,15 @@ class Cluster:
         async with aiohttp.ClientSession() as http, http.get(node.url + "/health") as r:
             return await r.json()
 
-    async def wait(self, node: Process, max_kernels: int, timeout: float = 60) -> None:
-        """Until `node` sees kernel hosts with `max_kernels` places in all, and a warm kernel."""
+    async def wait(self, node: Process, max_kernels: int, warm: int = 1, timeout: float = 60) -> None:
+        """Until `node` sees kernel hosts with `max_kernels` places in all, and `warm`
+        warm kernels."""
         last: object = None
         for _ in range(int(timeout / 0.2)):
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 last = await self.health(node)
                 kernels = last["kernels"]  # type: ignore[index]
-                if last["max_kernels"] == max_kernels and kernels["warm"] >= 1:  # type: ignore[index]
+                if last["max_kernels"] == max_kernels and kernels["warm"] >= warm:  # type: ignore[index]
                     return
             await asyncio.sleep(0.2)
         raise AssertionError(f"the cluster did not come up: {last}\n{self.logs()}")

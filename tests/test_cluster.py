@@ -54,7 +54,7 @@ async def cluster(
         c.node(sessions_per_client="50", service_timeout="60")
         unprivileged_node = c.node(run_as=unprivileged([unprivileged_python]), sessions_per_client="50")
         for node in c.processes[2:]:
-            await c.wait(node, max_kernels=16)
+            await c.wait(node, max_kernels=16, warm=2)  # each host has its warm kernel
         # The node runs without root, and serves all the same (the tests below use it).
         assert psutil.Process(unprivileged_node.popen.pid).uids().effective != 0 or not ROOT
         yield c
@@ -139,6 +139,7 @@ async def test_a_kernel_host_killed_tells_its_clients_and_spares_the_others(clus
 
 async def test_service_and_files_through_a_node_of_kernel_hosts(cluster: Cluster) -> None:
     node = cluster.processes[2]
+    await cluster.wait(node, max_kernels=16, warm=2)  # both pools refilled after the tests before
     async with aiohttp.ClientSession() as http:
         code = "print('out')\nopen('made.txt', 'w').write('on a host')\n40 + 2"
         async with http.post(node.url + "/service", json={"code": code}) as r:
@@ -150,6 +151,25 @@ async def test_service_and_files_through_a_node_of_kernel_hosts(cluster: Cluster
             assert r.status == 200 and await r.read() == b"on a host"
         async with http.get(node.url + body["permalink"]["url"].replace("/p/", "/permalink/")) as r:
             assert (await r.json())["code"] == code
+
+
+async def test_service_is_refused_at_once_when_the_hosts_have_no_kernel_place(
+    cluster: Cluster, cluster_redis: RedisServer, s3: S3Server
+) -> None:
+    # A cluster of its own (another key prefix) with one place: a session holds it.
+    tight = Cluster(cluster_redis.url, cluster.directory, store=s3.settings(prefix="tight"), prefix="tight")
+    try:
+        tight.host(max_kernels="1", queue_timeout="1")
+        node = tight.node()
+        await tight.wait(node, max_kernels=1)
+        async with Client(node.url, transports=["websocket"], timeout=30) as holder:
+            await holder.execute("1")
+            async with aiohttp.ClientSession() as http, http.post(node.url + "/service", json={"code": "2"}) as r:
+                body = await r.json()
+            assert r.status == 429 and body["error"]["code"] == "capacity_node", body
+            await holder.shutdown()
+    finally:
+        tight.stop()
 
 
 async def test_the_newest_resume_takes_the_session_from_another_node(cluster: Cluster) -> None:
