@@ -31,10 +31,9 @@ from gateway.follower import Follower
 from gateway.metrics import Metrics
 from gateway.permalinks import Permalinks
 from gateway.registry import SessionRecord
-from gateway.registry.base import RegistryUnavailable
 from gateway.registry.redis import RedisRegistry
 from gateway.replay import replay
-from gateway.sessions import register
+from gateway.sessions import find, register, unreachable
 from gateway.spool import Item, Spool
 from gateway.stores import BlobStore
 
@@ -95,10 +94,6 @@ class RemoteSession:
         self.sink: Any = None
         self._lock = asyncio.Lock()  # this socket's messages reach the host in the order sent
 
-    @property
-    def ended(self) -> bool:
-        return False  # known only to its host; a message to an ended session is refused
-
     async def to_kernel(self, channel: str, msg: dict[str, Any]) -> None:
         await self._send(channel, msg, msg["header"]["msg_id"])
         self.manager.metrics.messages.labels("to_kernel", channel).inc()
@@ -124,7 +119,7 @@ class RemoteSession:
                 raise
             except Exception as exc:
                 log.warning("session %s: queueing a message failed: %r", self.id, exc)
-                raise CellgateError("capacity_node", "the session registry cannot be reached", **extra) from None
+                raise unreachable(**extra) from None
         if not sent:
             raise CellgateError("kernel_dead", "this session has ended", **extra)
 
@@ -208,23 +203,18 @@ class RemoteSessionManager:
         """A session on the live host with the most free places, and its resume token."""
         try:
             host = await self.cluster.pick_host()
-        except (RedisError, OSError) as exc:
-            raise CellgateError("capacity_node", f"the session registry cannot be reached: {exc}") from None
+        except (RedisError, OSError):
+            raise unreachable() from None
         record, token = await register(self.config, self.registry, client, kernel_name, host)
         try:
             await self.cluster.assign(record.id, host)
             await self.cluster.send(record.id, "open", {}, counted=False)  # the host takes on its life now
-        except (RedisError, OSError) as exc:
-            raise CellgateError("capacity_node", f"the session registry cannot be reached: {exc}") from None
+        except (RedisError, OSError):
+            raise unreachable() from None
         return RemoteSession(self, record), token
 
     async def resume(self, token: object) -> RemoteSession:
-        if not isinstance(token, str) or not token:
-            raise CellgateError("token_invalid", "the resume token must be a non-empty string")
-        try:
-            record = await self.registry.find(token)
-        except RegistryUnavailable:
-            raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
+        record = await find(self.registry, token)
         if record is None:
             raise CellgateError("token_invalid", "no live session has this token (it may have expired)")
         return RemoteSession(self, record)

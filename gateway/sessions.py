@@ -25,6 +25,21 @@ from kernels.pool import KernelPool
 log = logging.getLogger(__name__)
 
 
+def unreachable(**extra: object) -> CellgateError:
+    """The answer to a client while the session registry (Redis) cannot be reached."""
+    return CellgateError("capacity_node", "the session registry cannot be reached; try again shortly", **extra)
+
+
+async def find(registry: SessionRegistry, token: object) -> SessionRecord | None:
+    """The record a resume token belongs to, or None; a bad token is token_invalid."""
+    if not isinstance(token, str) or not token:
+        raise CellgateError("token_invalid", "the resume token must be a non-empty string")
+    try:
+        return await registry.find(token)
+    except RegistryUnavailable:
+        raise unreachable() from None
+
+
 async def register(
     config: Config, registry: SessionRegistry, client: str, kernel_name: str | None, host: str = ""
 ) -> tuple[SessionRecord, str]:
@@ -46,7 +61,7 @@ async def register(
     try:
         created = await registry.create(record, per_client=config.sessions_per_client)
     except RegistryUnavailable:
-        raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
+        raise unreachable() from None
     if not created:
         raise CellgateError(
             "capacity_client", f"{config.sessions_per_client} sessions are already open from your address"
@@ -122,13 +137,8 @@ class SessionManager:
         return session, token
 
     async def resume(self, token: object) -> Session:
-        if not isinstance(token, str) or not token:
-            raise CellgateError("token_invalid", "the resume token must be a non-empty string")
-        try:
-            record = await self.registry.find(token)
-        except RegistryUnavailable:
-            raise CellgateError("capacity_node", "the session registry cannot be reached; try again shortly") from None
-        session = self.sessions.get(record.id) if record else self._lost_by_registry(token)
+        record = await find(self.registry, token)
+        session = self.sessions.get(record.id) if record else self._lost_by_registry(str(token))
         if session is None or session.ended:
             raise CellgateError("token_invalid", "no live session has this token (it may have expired)")
         if record is None:

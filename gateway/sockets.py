@@ -19,7 +19,7 @@ from gateway.messages import check_filename, validate
 from gateway.registry.base import RegistryUnavailable
 from gateway.remote import RemoteSession, RemoteSessionManager
 from gateway.session import Session
-from gateway.sessions import SessionManager
+from gateway.sessions import SessionManager, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,7 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
             await conn.session.attach(conn.sink, conn.token, conn.resumed, conn.seq, conn.epoch)
         except RegistryUnavailable:
             # The log cannot be read now: the client is told, and resumes again later.
-            notice = CellgateError("capacity_node", "the session registry cannot be reached; resume shortly")
-            await sio.emit("error", notice.as_dict(), to=sid)
+            await sio.emit("error", unreachable().as_dict(), to=sid)
             await sio.disconnect(sid)
 
     @sio.event

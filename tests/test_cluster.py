@@ -29,6 +29,10 @@ from tests.s3server import S3Server
 pytestmark = pytest.mark.timeout(240)
 
 
+def client(url: str) -> Client:
+    return Client(url, transports=["websocket"], timeout=30)
+
+
 def seqs(c: Client) -> list[int]:
     return [d["seq"] for _, d in c.events if isinstance(d.get("seq"), int)]
 
@@ -78,7 +82,7 @@ async def test_a_node_killed_mid_output_loses_nothing(cluster: Cluster) -> None:
     doomed = cluster.node(sessions_per_client="50")
     survivor = cluster.processes[3]
     await cluster.wait(doomed, max_kernels=16)
-    c = Client(doomed.url, transports=["websocket"], timeout=30)
+    c = client(doomed.url)
     await c.connect()
     await c.execute("import time\nsecret = 41")
     code = "for i in range(60):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)\nsecret += 1"
@@ -87,7 +91,7 @@ async def test_a_node_killed_mid_output_loses_nothing(cluster: Cluster) -> None:
     doomed.kill()  # SIGKILL, mid-output
     seen = c.last_seq
     await c.drop()
-    again = Client(survivor.url, transports=["websocket"], timeout=30)
+    again = client(survivor.url)
     info = await again.resume(c.token, c.epoch, seen)
     assert info["resumed"] and info["session"] == c.info["session"]
     await again.finish(run, start=0)
@@ -102,13 +106,13 @@ async def test_a_node_killed_mid_output_loses_nothing(cluster: Cluster) -> None:
 
 async def test_a_kernel_host_killed_tells_its_clients_and_spares_the_others(cluster: Cluster) -> None:
     node = cluster.processes[2]
-    bystander = Client(node.url, transports=["websocket"], timeout=30)
+    bystander = client(node.url)
     await bystander.connect()
     await bystander.execute("x = 1")  # on one of the two first hosts
     # A host with the most free places takes the next session.
     doomed = cluster.host(max_kernels="32")
     await cluster.wait(node, max_kernels=48)
-    victim = Client(node.url, transports=["websocket"], timeout=30)
+    victim = client(node.url)
     await victim.connect()
     await victim.execute("y = 2")
     kernels = doomed.descendants()
@@ -162,7 +166,7 @@ async def test_service_is_refused_at_once_when_the_hosts_have_no_kernel_place(
         tight.host(max_kernels="1", queue_timeout="1")
         node = tight.node()
         await tight.wait(node, max_kernels=1)
-        async with Client(node.url, transports=["websocket"], timeout=30) as holder:
+        async with client(node.url) as holder:
             await holder.execute("1")
             async with aiohttp.ClientSession() as http, http.post(node.url + "/service", json={"code": "2"}) as r:
                 body = await r.json()
@@ -174,10 +178,10 @@ async def test_service_is_refused_at_once_when_the_hosts_have_no_kernel_place(
 
 async def test_the_newest_resume_takes_the_session_from_another_node(cluster: Cluster) -> None:
     a, b = cluster.processes[2], cluster.processes[3]
-    first = Client(a.url, transports=["websocket"], timeout=30)
+    first = client(a.url)
     await first.connect()
     await first.execute("z = 3")
-    second = Client(b.url, transports=["websocket"], timeout=30)
+    second = client(b.url)
     await second.resume(first.token, first.epoch, first.last_seq)
     taken = await first.wait_event("error", code="session_taken", timeout=10)
     assert "another connection" in taken["message"]
@@ -194,12 +198,12 @@ async def test_the_newest_resume_takes_the_session_from_another_node(cluster: Cl
 
 async def test_a_session_whose_client_is_gone_is_reclaimed_once_by_its_host(cluster: Cluster) -> None:
     node = cluster.processes[2]
-    c = Client(node.url, transports=["websocket"], timeout=30)
+    c = client(node.url)
     await c.connect()
     await c.execute("1")
     await c.drop()  # and never comes back: the hosts' grace is 3 s here
     await asyncio.sleep(4.5)
-    again = Client(cluster.processes[3].url, transports=["websocket"], timeout=30)
+    again = client(cluster.processes[3].url)
     with pytest.raises(Refused) as refused:
         await again.resume(c.token, c.epoch, c.last_seq)
     assert refused.value.code == "token_invalid"
@@ -209,11 +213,11 @@ async def test_the_message_rate_of_a_session_holds_across_nodes(cluster: Cluster
     slow = [cluster.node(message_rate="0.5", message_burst="6") for _ in range(2)]
     for node in slow:
         await cluster.wait(node, max_kernels=16)
-    a = Client(slow[0].url, transports=["websocket"], timeout=30)
+    a = client(slow[0].url)
     await a.connect()
     for _ in range(5):
         await a.request("shell", "kernel_info_request", {})
-    b = Client(slow[1].url, transports=["websocket"], timeout=30)
+    b = client(slow[1].url)
     await b.resume(a.token, a.epoch, None)  # the same session, through another node
     refused = 0
     for _ in range(4):
@@ -239,7 +243,7 @@ async def test_a_host_that_stalled_past_its_heartbeat_lets_go_of_what_went_elsew
     before = (await cluster.health(node))["max_kernels"]
     stalled = cluster.host(max_kernels="64")  # the most free places: the next session is its
     await cluster.wait(node, max_kernels=before + 64)
-    c = Client(node.url, transports=["websocket"], timeout=30)
+    c = client(node.url)
     await c.connect()
     await c.execute("w = 1")
     stalled.popen.send_signal(signal.SIGSTOP)  # alive, but silent past its heartbeat
@@ -271,7 +275,7 @@ async def test_a_host_that_stalled_past_its_heartbeat_lets_go_of_what_went_elsew
 async def test_redis_restarted_mid_run_leaves_no_silent_hole(cluster: Cluster, cluster_redis: RedisServer) -> None:
     # Last in this module: it restarts the cluster's Redis (append-only, as deployed).
     node = cluster.processes[2]
-    c = Client(node.url, transports=["websocket"], timeout=30)
+    c = client(node.url)
     await c.connect()
     await c.execute("import time")
     code = "for i in range(60):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)"
@@ -285,7 +289,7 @@ async def test_redis_restarted_mid_run_leaves_no_silent_hole(cluster: Cluster, c
     assert c.collect(run).stdout == "".join(f"line {i}\n" for i in range(60))
     assert seqs(c) == list(range(1, c.last_seq + 1))
     # Resuming from the start, through the other node: all of it, or a gap told first.
-    again = Client(cluster.processes[3].url, transports=["websocket"], timeout=30)
+    again = client(cluster.processes[3].url)
     await again.resume(c.token, c.epoch, 0)
     await again.wait_for(lambda e, d: d.get("seq") == c.last_seq, timeout=20)
     gaps = [d for e, d in again.events if e == "error" and d.get("code") == "replay_gap"]
