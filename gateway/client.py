@@ -360,5 +360,12 @@ class Client:
         with contextlib.suppress(TimeoutError):
             await self.wait_event("kernel", state="shutdown")
 
+    async def restart(self) -> dict[str, Any]:
+        """Restart the kernel: the session goes on with a fresh one; its `ready` event."""
+        start = len(self.events)
+        await self.request("control", "shutdown_request", {"restart": True})
+        _, ready = await self.wait_for(lambda e, d: e == "kernel" and d.get("state") == "ready", start=start)
+        return ready
+
     async def upload(self, name: str, data: bytes) -> dict[str, Any]:
         return await self.send("upload", {"name": name, "data": data})

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import os
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -13,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import service
+from gateway import pages, service
 from gateway.addresses import client_address
 from gateway.config import PROTOCOL, Config
 from gateway.errors import CellgateError
@@ -25,7 +23,6 @@ from gateway.stores import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-STATIC = os.path.join(os.path.dirname(__file__), "static")
 # Types a browser would run as active content: served as downloads, never inline.
 ACTIVE = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/javascript", "application/javascript"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -171,25 +168,15 @@ async def get_permalink(request: web.Request) -> web.Response:
     return web.json_response({"id": pid, "url": manager_of(request).permalinks.url(pid), **doc})
 
 
-with open(os.path.join(STATIC, "page.html"), encoding="utf-8") as _f:
-    PAGE = _f.read()
-
-
-def _page(request: web.Request, code: str, title: str) -> web.Response:
-    # The page may be served at /p/<id>: the service URL must not be relative to it.
-    service = html.escape(manager_of(request).base_url + "/service")
-    body = PAGE.replace("{{title}}", html.escape(title)).replace("{{service}}", service)
-    body = body.replace("{{code}}", html.escape(code))
-    return web.Response(text=body, content_type="text/html")
-
-
 async def permalink_page(request: web.Request) -> web.Response:
     doc = await _load_permalink(request)
-    return _page(request, doc["code"], "Cellgate: shared code")
+    intro = "Shared code: edit it and run it."
+    return pages.page(manager_of(request).base_url, doc["code"], "Cellgate: shared code", intro, examples=False)
 
 
 async def index(request: web.Request) -> web.Response:
-    return _page(request, 'print("Hello from Cellgate")\n1 + 1', "Cellgate")
+    intro = "Write Python and run it on a live kernel: Shift+Enter runs, Tab completes, Shift+Tab shows help."
+    return pages.page(manager_of(request).base_url, pages.EXAMPLES["Hello"], "Cellgate", intro, examples=True)
 
 
 async def run_service(request: web.Request) -> web.Response:
@@ -270,4 +257,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/upload", upload)
     app.router.add_get(r"/files/{token}/{name}", get_file)
     app.router.add_get("/openapi.json", openapi_doc)
-    app.router.add_static("/static/", STATIC)
+    app.router.add_get(r"/static/{name}", pages.static_file)

@@ -305,7 +305,10 @@ class Session:
         self.touch()
         async with self._send_lock:  # FIFO: messages reach the kernel in the order sent
             if channel == "control" and msg_type == "shutdown_request":
-                self._shutdown_requested(msg)
+                if msg["content"].get("restart") is True:
+                    await self._restart(msg)
+                else:
+                    self._shutdown_requested(msg)
                 return
             if channel == "shell":
                 kernel = await self._ensure_kernel()
@@ -343,7 +346,7 @@ class Session:
         while len(self._expected) > EXPECTED_TRACKED:
             self._expected.popitem(last=False)
 
-    async def _ensure_kernel(self) -> KernelHandle:
+    async def _ensure_kernel(self, reason: str = "replaced") -> KernelHandle:
         if self.kernel is not None and self.kernel.alive:
             return self.kernel
         replaced = self.record.kernel_id is not None
@@ -365,9 +368,21 @@ class Session:
             await self.manager.registry.update(self.record)
         event: dict[str, Any] = {"state": "ready", "id": kernel.id, "name": kernel.name}
         if replaced:
-            event["reason"] = "replaced"
+            event["reason"] = reason
         self.publish("kernel", event)
         return kernel
+
+    async def _restart(self, msg: dict[str, Any]) -> None:
+        """A shutdown_request with restart: the session keeps going on a fresh kernel
+        from the pool, which is faster than asking the old one to restart itself and
+        trusts nothing it says. The client gets `restarting`, the reply, then `ready`."""
+        old, self.kernel = self.kernel, None  # its exit is not a death to report
+        self._forget_requests()
+        self.publish("kernel", {"state": "restarting"})
+        if old is not None:
+            await self.manager.pool.release(old)
+        self.publish("control", _gateway_reply("shutdown_reply", msg["header"], {"status": "ok", "restart": True}))
+        await self._ensure_kernel("restarted")
 
     def _shutdown_requested(self, msg: dict[str, Any]) -> None:
         self.life = max(self.life, Life.ENDING)
@@ -545,15 +560,19 @@ class Session:
         elif now - self._spin_told > OVERRUN_GRACE:
             self._spawn(kernel.kill(f"the kernel kept running code past {limit:g} s and ignored the interrupt"))
 
-    def _kernel_exited(self, kernel: KernelHandle) -> None:
-        if kernel is not self.kernel:
-            return
+    def _forget_requests(self) -> None:
+        """The kernel is gone: nothing it was asked will be answered by it."""
         for request in self._queue:
             if request.deadline is not None:
                 request.deadline.cancel()
         self._queue.clear()
         self._expected.clear()
         self._cpu_mark = self._spin_since = self._spin_told = None
+
+    def _kernel_exited(self, kernel: KernelHandle) -> None:
+        if kernel is not self.kernel:
+            return
+        self._forget_requests()
         self.kernel = None
         if Life.ENDING <= self.life < Life.ENDED:
             # It exited as asked, and whatever it said has been relayed: the session ends

@@ -191,6 +191,10 @@ async def test_the_newest_resume_takes_the_session_from_another_node(cluster: Cl
         await asyncio.sleep(0.05)
     assert not first.connected
     assert (await second.execute("z * 2")).result == {"text/plain": "6"}
+    # A restart asked on this node is done by the session's host: a fresh kernel.
+    ready = await second.restart()
+    assert ready["reason"] == "restarted"
+    assert (await second.execute("'z' in dir()")).result == {"text/plain": "False"}
     await second.shutdown()
     await second.drop()
     await first.drop()

@@ -159,6 +159,25 @@ async def test_shutdown_request_ends_the_session(connect: ClientFactory, gw: Gat
         raise AssertionError("a shut-down session could be resumed")
 
 
+async def test_a_restart_keeps_the_session_on_a_fresh_kernel(connect: ClientFactory, gw: Gateway) -> None:
+    c = await connect()
+    await c.execute("x = 41")
+    start = len(c.events)
+    before = next(d["id"] for e, d in reversed(c.events) if e == "kernel" and d.get("state") == "ready")
+    ready = await c.restart()
+    events = [(e, d) for e, d in c.events[start:] if e in ("kernel", "control")]
+    assert [d.get("state") or d["header"]["msg_type"] for _, d in events] == [
+        "restarting",
+        "shutdown_reply",
+        "ready",
+    ]
+    assert events[1][1]["content"] == {"status": "ok", "restart": True}
+    assert ready["reason"] == "restarted" and ready["id"] != before
+    run = await c.execute("print('x' in dir())")
+    assert run.stdout == "False\n"
+    assert await gw.wait_sessions(1) == 1
+
+
 async def test_several_requests_per_socket_in_order(connect: ClientFactory) -> None:
     c = await connect()
     ids = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -110,15 +112,23 @@ async def test_permalink_roundtrip(http: aiohttp.ClientSession) -> None:
     page = await http.get(f"/p/{made['id']}")
     assert page.status == 200 and page.content_type == "text/html"
     text = await page.text()
-    assert "print(&#x27;shared&#x27;)" in text
-    # Its Run button posts to the service at the server's root, not under /p/.
-    assert 'data-service="/service"' in text
+    assert _page_code(text) == "print('shared')"
+    # It runs through the embed, loaded from the server's root, not from under /p/.
+    assert '<script src="/static/cellgate.js"></script>' in text
+
+
+def _page_code(text: str) -> str:
+    found = re.search(r'<script type="application/json" id="cellgate-code">(.*?)</script>', text, re.S)
+    assert found, "the page carries its code"
+    return json.loads(found.group(1))
 
 
 async def test_permalink_page_escapes_code(http: aiohttp.ClientSession) -> None:
-    made = await (await http.post("/permalink", json={"code": "</textarea><script>alert(1)</script>"})).json()
+    code = "</script><script>alert(1)</script><!--"
+    made = await (await http.post("/permalink", json={"code": code})).json()
     text = await (await http.get(f"/p/{made['id']}")).text()
-    assert "<script>alert(1)</script>" not in text
+    assert "<script>alert(1)" not in text and "<!--" not in text
+    assert _page_code(text) == code
 
 
 async def test_unknown_permalink_is_json_404(http: aiohttp.ClientSession) -> None:
@@ -196,11 +206,29 @@ async def test_openapi_describes_every_route(http: aiohttp.ClientSession, gw: Ga
     assert routes <= set(doc["paths"]), routes - set(doc["paths"])
 
 
-async def test_index_page_and_static(http: aiohttp.ClientSession) -> None:
+async def test_index_page_and_the_embed_bundle(http: aiohttp.ClientSession) -> None:
     r = await http.get("/")
-    assert r.status == 200 and "Cellgate" in await r.text()
-    r = await http.get("/static/page.html")
-    assert r.status == 200
+    text = await r.text()
+    assert r.status == 200 and '<script src="/static/cellgate.js"></script>' in text
+    assert 'id="examples"' in text
+    # The stable names: a short cache and an ETag that answers 304 once nothing changed.
+    r = await http.get("/static/cellgate.js", headers={"Origin": "https://blog.example"})
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/javascript")
+    assert r.headers["Cache-Control"] == "public, max-age=300"
+    assert r.headers["Access-Control-Allow-Origin"] == "*"  # an ES module import needs CORS
+    body = await r.read()
+    again = await http.get("/static/cellgate.js", headers={"If-None-Match": r.headers["ETag"]})
+    assert again.status == 304
+    # What it loads is named by its content and cached for good.
+    frame = re.search(rb"cellgate-frame-[A-Z0-9]{8}\.js", body)
+    assert frame, "the bundle names its output frame's script"
+    r = await http.get("/static/" + frame.group().decode())
+    assert r.status == 200 and r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    r = await http.get("/static/cellgate.mjs")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/javascript")
+    for path in ("/static/page.html", "/static/nope.js", "/static/..%2Fconfig.py"):
+        r = await http.get(path)
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
 
 
 async def test_cors_is_open_by_default(http: aiohttp.ClientSession) -> None:

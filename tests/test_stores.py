@@ -80,7 +80,7 @@ async def test_files_open_on_every_node_and_permalinks_after_a_restart(
     async with http.get(c_node.url + f"/permalink/{permalink['id']}") as r:
         assert r.status == 200 and (await r.json())["code"].startswith(FILES)
     async with http.get(c_node.url + permalink["url"]) as r:
-        assert r.status == 200 and "print(&#x27;ran&#x27;)" in await r.text()
+        assert r.status == 200 and "print('ran')" in await r.text()
 
 
 async def test_caps_links_and_retention_hold_on_either_store(

@@ -1,0 +1,129 @@
+/**
+ * The runtime of a cell's output frame: a sandboxed iframe without allow-same-origin,
+ * so what runs here has an opaque origin and no way into the host page. The page
+ * sends render operations by postMessage; this side answers only with its height.
+ */
+import type { Op } from "./outputs";
+import { ansiToHtml, render } from "./render";
+import { FRAME_CSS } from "./style";
+
+interface Typesetters {
+  mathjax?: string;
+  katex?: { js: string; css?: string };
+}
+
+declare global {
+  interface Window {
+    MathJax?: { typesetPromise?: (els: Element[]) => Promise<void> };
+    katex?: { render: (tex: string, el: Element, opts: Record<string, unknown>) => void };
+  }
+}
+
+const style = document.createElement("style");
+style.textContent = FRAME_CSS;
+document.head.append(style);
+const root = document.createElement("div");
+root.className = "outputs";
+document.body.append(root);
+
+let typesetters: Typesetters = {};
+let loading: Promise<void> | undefined;
+
+function loadScript(src: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = src;
+    script.onload = () => resolve();
+    script.onerror = () => reject(new Error(`could not load ${src}`));
+    document.head.append(script);
+  });
+}
+
+/** Load the page's own typesetter into this frame the first time LaTeX shows up. */
+function typesetter(): Promise<void> {
+  if (!loading) {
+    if (typesetters.mathjax) {
+      loading = loadScript(typesetters.mathjax);
+    } else if (typesetters.katex) {
+      const { js, css } = typesetters.katex;
+      if (css) {
+        const link = document.createElement("link");
+        link.rel = "stylesheet";
+        link.href = css;
+        document.head.append(link);
+      }
+      loading = loadScript(js);
+    } else {
+      loading = Promise.resolve();
+    }
+  }
+  return loading;
+}
+
+async function typeset(el: HTMLElement): Promise<void> {
+  await typesetter().catch(() => undefined);
+  const tex = el.querySelector(".tex");
+  if (!tex) return;
+  if (window.MathJax?.typesetPromise) {
+    await window.MathJax.typesetPromise([tex]).catch(() => undefined);
+  } else if (window.katex) {
+    const source = (tex.textContent ?? "").trim().replace(/^\$\$?|\$\$?$/g, "");
+    try {
+      window.katex.render(source, tex, { displayMode: true, throwOnError: false });
+    } catch {
+      // the source stays shown as text
+    }
+  }
+  reportHeight();
+}
+
+function fill(el: HTMLElement, html: string): void {
+  // A contextual fragment runs the scripts of kernel HTML (innerHTML would not):
+  // what a plotting library's output needs, and harmless in this frame.
+  el.replaceChildren(document.createRange().createContextualFragment(html));
+}
+
+function build(output: Parameters<typeof render>[0]): HTMLElement {
+  const rendered = render(output);
+  const el = document.createElement("div");
+  el.className = `output ${rendered.kind}`;
+  fill(el, rendered.html);
+  if (rendered.latex) void typeset(el);
+  return el;
+}
+
+function apply(op: Op): void {
+  if (op.op === "clear") {
+    root.replaceChildren();
+  } else if (op.op === "add") {
+    root.append(build(op.output));
+  } else if (op.op === "set") {
+    const old = root.children[op.index];
+    if (old) old.replaceWith(build(op.output));
+  } else if (op.op === "text") {
+    const pre = root.children[op.index]?.querySelector("pre");
+    pre?.insertAdjacentHTML("beforeend", ansiToHtml(op.text));
+  }
+}
+
+let lastHeight = -1;
+function reportHeight(): void {
+  const height = Math.ceil(document.documentElement.scrollHeight);
+  if (height !== lastHeight) {
+    lastHeight = height;
+    parent.postMessage({ cellgate: "height", height }, "*");
+  }
+}
+
+window.addEventListener("message", (event) => {
+  if (event.source !== parent) return; // only the page that made this frame gives orders
+  const data = event.data;
+  if (data?.cellgate === "init") {
+    typesetters = data.typesetters ?? {};
+  } else if (data?.cellgate === "ops" && Array.isArray(data.ops)) {
+    for (const op of data.ops) apply(op);
+    reportHeight();
+  }
+});
+new ResizeObserver(reportHeight).observe(document.documentElement);
+parent.postMessage({ cellgate: "ready" }, "*");
