@@ -60,7 +60,7 @@ export class OutputModel {
         const joined = prev.text + c.text;
         const fixed = carriageReturns(joined);
         prev.text = fixed;
-        ops.push(fixed === joined ? { op: "text", index: last, text: c.text } : { op: "set", index: last, output: prev });
+        ops.push(fixed === joined ? { op: "text", index: last, text: c.text } : { op: "set", index: last, output: { ...prev } });
       } else {
         ops.push(this.add({ type: "stream", name: c.name, text: carriageReturns(String(c.text ?? "")) }));
       }
@@ -92,6 +92,7 @@ export class OutputModel {
   private add(output: Output): Op {
     this.clearPending = false;
     this.outputs.push(output);
-    return { op: "add", output };
+    // A copy: the model keeps growing this output, and the op may wait to be sent.
+    return { op: "add", output: { ...output } };
   }
 }

@@ -23,6 +23,14 @@ test("consecutive stream chunks of one stream grow one output", () => {
   );
 });
 
+test("an operation keeps what it said when the model changes after it (ops wait to be sent)", () => {
+  const m = new OutputModel();
+  const first = m.apply(msg("stream", { name: "stdout", text: "line 0\n" }));
+  m.apply(msg("stream", { name: "stdout", text: "line 1\n" }));
+  m.apply(msg("stream", { name: "stdout", text: "\rline 2\n" }));
+  assert.deepEqual(first, [{ op: "add", output: { type: "stream", name: "stdout", text: "line 0\n" } }]);
+});
+
 test("a carriage return rewrites its line, as a progress bar expects", () => {
   assert.equal(carriageReturns("10%\r50%\r100%\ndone"), "100%\ndone");
   assert.equal(carriageReturns("abcdef\rxy"), "xycdef");
