@@ -55,4 +55,4 @@ bench: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) cellgate-data .pytest_cache .ruff_cache client-js/node_modules client-js/.test-build
-	rm -f gateway/static/cellgate*.js gateway/static/cellgate*.mjs gateway/static/cellgate*.map
+	rm -f gateway/static/cellgate*

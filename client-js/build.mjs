@@ -29,7 +29,7 @@ if (process.argv.includes("--tests")) {
 }
 
 for (const f of readdirSync(out)) {
-  if (/^cellgate(-frame-\w+)?\.(js|mjs)(\.map)?$/.test(f)) rmSync(join(out, f));
+  if (f.startsWith("cellgate")) rmSync(join(out, f)); // the last build's, hashed names included
 }
 const common = { bundle: true, minify: true, sourcemap: "linked", target, logLevel: "warning", legalComments: "linked" };
 const frame = await esbuild.build({
@@ -41,7 +41,27 @@ const frame = await esbuild.build({
   metafile: true,
 });
 const frameFile = basename(Object.keys(frame.metafile.outputs).find((f) => f.endsWith(".js")));
-const define = { __FRAME_FILE__: JSON.stringify(frameFile) };
+// The widget manager: loaded into a frame the first time it shows a widget. Only
+// ipywidgets 8 is served, so html-manager's copies for ipywidgets 7 are left out.
+const widgets = await esbuild.build({
+  ...common,
+  entryPoints: { "cellgate-widgets": join(here, "src/widgets.ts") },
+  entryNames: "[name]-[hash]",
+  assetNames: "cellgate-asset-[hash]",
+  outdir: out,
+  format: "iife",
+  metafile: true,
+  alias: { "@jupyter-widgets/base7": "@jupyter-widgets/base", "@jupyter-widgets/controls7": "@jupyter-widgets/controls" },
+  loader: { ".woff": "file", ".woff2": "file", ".ttf": "file", ".eot": "file", ".svg": "file" },
+});
+const widgetFiles = Object.keys(widgets.metafile.outputs).map((f) => basename(f));
+const define = {
+  __FRAME_FILE__: JSON.stringify(frameFile),
+  __WIDGETS_FILES__: JSON.stringify({
+    js: widgetFiles.find((f) => f.endsWith(".js")),
+    css: widgetFiles.find((f) => f.endsWith(".css")),
+  }),
+};
 await esbuild.build({
   ...common,
   entryPoints: [join(here, "src/entry-script.ts")],
@@ -59,7 +79,7 @@ await esbuild.build({
 });
 
 const kib = (n) => `${(n / 1024).toFixed(1)} KiB`;
-for (const name of ["cellgate.js", "cellgate.mjs", frameFile]) {
+for (const name of ["cellgate.js", "cellgate.mjs", frameFile, ...widgetFiles.filter((f) => /\.(js|css)$/.test(f))]) {
   const bytes = readFileSync(join(out, name));
   console.log(`${name.padEnd(34)} ${kib(bytes.length).padStart(10)}  gzip ${kib(gzipSync(bytes, { level: 9 }).length).padStart(9)}`);
 }

@@ -18,10 +18,18 @@ from aiohttp import web
 from gateway.errors import CellgateError
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
-HASHED = re.compile(r"-[A-Z0-9]{8}\.(js|mjs|css)(\.map)?$")
+HASHED = re.compile(r"-[A-Z0-9]{8}\.\w+(\.map|\.LEGAL\.txt)?$")
 SHORT_CACHE = "public, max-age=300"
 IMMUTABLE = "public, max-age=31536000, immutable"
-TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".map": "application/json", ".html": "text/html"}
+TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".map": "application/json",
+    ".txt": "text/plain",
+    ".woff": "font/woff",
+    ".woff2": "font/woff2",
+}
 
 with open(os.path.join(STATIC, "page.html"), encoding="utf-8") as _f:
     PAGE = _f.read()
@@ -32,6 +40,10 @@ EXAMPLES = {
         "import matplotlib.pyplot as plt\nimport numpy as np\n\n"
         "x = np.linspace(0, 4 * np.pi, 400)\nplt.plot(x, np.sin(x), label='sin')\n"
         "plt.plot(x, np.cos(x), label='cos')\nplt.legend()\nplt.show()"
+    ),
+    "A slider": (
+        "from ipywidgets import interact\n\n@interact(n=(1, 20))\ndef squares(n=5):\n"
+        "    print([k * k for k in range(n)])"
     ),
     "Ask for input": 'name = input("What is your name? ")\nprint(f"Hello, {name}!")',
     "An error": "def inverse(x):\n    return 1 / x\n\ninverse(0)",

@@ -44,3 +44,23 @@ async def test_comm_info_and_close(connect: ClientFactory) -> None:
     msg_id = await c.request("shell", "comm_info_request", {})
     _, reply = await c.wait_for(lambda e, d: e == "shell" and d["parent_header"].get("msg_id") == msg_id)
     assert comm_id not in reply["content"]["comms"]
+
+
+async def test_a_front_end_that_joins_late_fetches_every_widget_state(connect: ClientFactory) -> None:
+    # What a browser tab opened after the widgets were made does: ipywidgets' control
+    # comm answers with the state of every widget the kernel holds.
+    c = await connect()
+    await c.execute("import ipywidgets as w\ns = w.IntSlider(value=3)\ns")
+    control = "control-1"
+    opening = {"comm_id": control, "target_name": "jupyter.widget.control", "data": {}}
+    await c.request("shell", "comm_open", opening, metadata={"version": "1.0.0"})
+    msg_id = await c.comm_msg(control, {"method": "request_states"})
+
+    def states(e: str, d: dict) -> bool:
+        return e == "iopub" and d["header"]["msg_type"] == "comm_msg" and d["content"]["comm_id"] == control
+
+    _, reply = await c.wait_for(states, timeout=20)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    models = reply["content"]["data"]["states"]
+    sliders = [m["state"] for m in models.values() if m["model_name"] == "IntSliderModel"]
+    assert [s["value"] for s in sliders] == [3]

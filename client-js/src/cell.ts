@@ -2,10 +2,11 @@
 import type { EditorView } from "@codemirror/view";
 import stripAnsi from "strip-ansi";
 import { createEditor } from "./editor";
-import { OutputFrame, type Typesetters, findTypesetters } from "./outputframe";
+import { type FrameFiles, OutputFrame, type Typesetters, findTypesetters } from "./outputframe";
 import { OutputModel } from "./outputs";
 import { CellgateError, type FileEntry, type KernelState } from "./protocol";
 import type { ConnectOptions, Execution, Session, Transport } from "./session";
+import { OUTPUT_TYPES, WidgetBridge, fromWidget } from "./widgetbridge";
 
 export type Part = "editor" | "run" | "permalink" | "files" | "status";
 
@@ -77,12 +78,14 @@ export class Cell {
   private stdin = el("form", "cg-stdin");
   private files = el("ul", "cg-files");
   private unsubscribe: (() => void)[] = [];
+  /** Requests this cell's frame sent (widget comms) and this cell ran: their messages are its own. */
+  private mine = new Set<string>();
 
   constructor(
     host: HTMLElement,
     private options: CellOptions & { server: string },
     private sessions: SessionSource,
-    frameScript: string,
+    files: FrameFiles,
   ) {
     const code = options.code ?? codeOf(host);
     host.replaceChildren();
@@ -118,7 +121,13 @@ export class Cell {
     const outputBox = out ?? host;
     host.append(editorBox, this.tip, bar);
     outputBox.append(this.notice, this.stdin);
-    this.frame = new OutputFrame(outputBox, frameScript, options.typesetters ?? findTypesetters());
+    this.frame = new OutputFrame(outputBox, files, options.typesetters ?? findTypesetters(), {
+      comm: (msg) => {
+        this.remember(msg.header.msg_id);
+        this.session?.sendMessage("shell", { ...msg, parent_header: {} }).catch((e) => this.tell(describe(e), true));
+      },
+      request: async (type, content) => (this.session ? this.session.request(type, content) : { comms: {} }),
+    });
     outputBox.append(this.files);
     const hide = new Set(options.hide ?? []);
     editorBox.hidden = hide.has("editor");
@@ -168,15 +177,34 @@ export class Cell {
           else if (state === "closed" && error && error.code !== "closed") this.tell(describe(error), true);
         }),
         session.on("gap", () => this.tell("Some output could not be recovered after the reconnection.", true)),
+        this.joinWidgets(session),
         session.on("iopub", (msg) => {
-          // A display another cell's code updates (update_display_data by display_id).
-          if (msg.header.msg_type === "update_display_data" && msg.parent_header.msg_id !== this.current?.msgId) {
+          const parent = msg.parent_header.msg_id ?? "";
+          const type = msg.header.msg_type;
+          if (type === "update_display_data" && parent !== this.current?.msgId) {
+            // A display another cell's code updates (update_display_data by display_id).
             this.frame.push(this.model.update(msg.content.transient?.display_id, msg.content.data, msg.content.metadata));
+          } else if (OUTPUT_TYPES.has(type) && fromWidget(parent) && this.mine.has(parent)) {
+            // What a widget callback printed (a button's on_click), unless an Output widget took it.
+            if (!WidgetBridge.of(session).captured(parent)) this.frame.push(this.model.apply(msg));
           }
         }),
       ];
     }
     return session;
+  }
+
+  /** Give this cell's frame the session's widget traffic. */
+  private joinWidgets(session: Session): () => void {
+    return WidgetBridge.of(session).add({
+      post: (msg) => this.frame.postKernel(msg),
+      owns: (parent) => this.mine.has(parent),
+    });
+  }
+
+  private remember(msgId: string): void {
+    this.mine.add(msgId);
+    if (this.mine.size > 256) this.mine.delete(this.mine.values().next().value!);
   }
 
   private onKernel(k: KernelState): void {
@@ -205,9 +233,13 @@ export class Cell {
     }
     const run = session.execute(this.code);
     this.current = run;
+    this.remember(run.msgId);
+    const widgets = WidgetBridge.of(session);
     this.look("busy", "Running…");
     this.stopButton.hidden = false;
-    run.on("output", (msg) => this.frame.push(this.model.apply(msg)));
+    run.on("output", (msg) => {
+      if (!widgets.captured(run.msgId)) this.frame.push(this.model.apply(msg)); // else an Output widget shows it
+    });
     run.on("input", ({ prompt, password }) => this.ask(session, prompt, password));
     run.on("permalink", ({ url }) => {
       const href = absolute(url, this.options.server);

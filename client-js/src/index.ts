@@ -1,5 +1,6 @@
 /** The public API: `connect` for apps, `makeCell` and `[data-cellgate]` for pages. */
 import { Cell, type CellOptions, type Part } from "./cell";
+import type { FrameFiles } from "./outputframe";
 import { CELL_CSS } from "./style";
 import { type ConnectOptions, Session, type Transport } from "./session";
 
@@ -8,6 +9,7 @@ export { CellgateError, type FileEntry, type KernelMessage, type KernelState } f
 export { type ConnectOptions, type ExecuteResult, Execution, Session } from "./session";
 
 declare const __FRAME_FILE__: string;
+declare const __WIDGETS_FILES__: { js?: string; css?: string };
 
 /** Page-wide defaults for cells made from markup; set them before DOMContentLoaded. */
 export const defaults: Omit<CellOptions, "code" | "output"> = {};
@@ -20,8 +22,10 @@ export function setScriptUrl(url: string): void {
   defaults.server ??= new URL("..", url).href.replace(/\/$/, ""); // …/static/cellgate.js → the server
 }
 
-function frameScript(): string {
-  return new URL(__FRAME_FILE__, scriptUrl).href;
+function frameFiles(): FrameFiles {
+  const url = (name: string) => new URL(name, scriptUrl).href;
+  const { js, css } = __WIDGETS_FILES__;
+  return { frame: url(__FRAME_FILE__), widgets: js ? { js: url(js), css: css && url(css) } : undefined };
 }
 
 /** Open a session on a Cellgate server (default: where this script came from). */
@@ -60,7 +64,7 @@ export function makeCell(target: HTMLElement | string, options: CellOptions = {}
   const merged = { ...defaults, ...options, server: (options.server ?? defaults.server)! };
   // Unlinked cells each get their own session: a key made per cell keeps them apart.
   const link = merged.link !== undefined ? `link:${merged.link}` : `cell:${cellId(host)}`;
-  const cell = new Cell(host, merged, (o) => sessionFor({ ...o, link }), frameScript());
+  const cell = new Cell(host, merged, (o) => sessionFor({ ...o, link }), frameFiles());
   host.dataset.cellgateReady = "";
   return cell;
 }

@@ -7,8 +7,11 @@ import { AnsiUp } from "ansi_up";
 import { marked } from "marked";
 import type { Output } from "./outputs";
 
+export const WIDGET_MIME = "application/vnd.jupyter.widget-view+json";
+
 /** Richest first, as JupyterLab orders them. */
 export const MIME_ORDER = [
+  WIDGET_MIME,
   "text/html",
   "image/svg+xml",
   "image/png",
@@ -54,6 +57,8 @@ export interface Rendered {
   html: string;
   /** The LaTeX source, to typeset when a typesetter is loaded. */
   latex?: boolean;
+  /** The model of a widget to show in the container (its text stands in until then). */
+  widget?: string;
 }
 
 export function render(output: Output): Rendered {
@@ -68,6 +73,11 @@ export function render(output: Output): Rendered {
   const value = mime ? output.data[mime] : "";
   const meta = (mime && output.metadata[mime]) || {};
   switch (mime) {
+    case WIDGET_MIME: {
+      const fallback = escapeHtml(joined(output.data["text/plain"] ?? "a widget"));
+      const modelId = String((value as { model_id?: unknown })?.model_id ?? "");
+      return { kind: "widget", html: `<pre class="widget-fallback">${fallback}</pre>`, widget: modelId };
+    }
     case "text/html":
     case "image/svg+xml":
       return { kind: "html", html: joined(value) };

@@ -341,6 +341,11 @@ export class Session extends Emitter<SessionEvents> {
     }
   }
 
+  /** Send a message the caller built (widget comms); resolves with the server's ack. */
+  sendMessage(channel: "shell" | "stdin" | "control", msg: KernelMessage): Promise<any> {
+    return this.send(channel, msg);
+  }
+
   private async send(channel: string, msg: KernelMessage | Record<string, unknown>): Promise<any> {
     if (this.state === "closed") throw new CellgateError("closed", "the session has ended");
     const ack = await this.socket.emitWithAck(channel, msg);

@@ -5,7 +5,8 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import {
   launchBrowser,
-  outputText,
+  openCells,
+  runCell,
   pageHtml,
   startGateway,
   startPages,
@@ -121,24 +122,9 @@ after(async () => {
   await gw?.stop();
 });
 
-async function open(path, options = {}) {
-  const context = await browser.newContext(options);
-  const page = await context.newPage();
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(String(e)));
-  await page.goto(pages.origin + path);
-  await page.waitForSelector("[data-cellgate-ready] .cm-editor");
-  return { page, context, problems };
-}
+const open = (path, options = {}) => openCells(browser, pages.origin + path, options);
 
-async function run(page, sel) {
-  // Scrolled into view first and given a moment: right after a scroll, Chromium may
-  // route a click to an output frame's old position (frames are hit-tested apart).
-  const button = page.locator(`${sel} button.cg-run`);
-  await button.scrollIntoViewIfNeeded();
-  await page.waitForTimeout(100);
-  await button.click();
-}
+const run = runCell;
 
 test("cells on a page open no session until one runs; text, an error, a plot and HTML appear", async () => {
   const { page, context, problems } = await open("/cells");

@@ -85,8 +85,12 @@ export async function startPages(pages) {
 /** A TCP proxy to the gateway that can drop every connection, or refuse WebSockets. */
 export async function startProxy(targetPort) {
   const sockets = new Set();
-  const state = { blockWebSocket: false, websocketsRefused: 0 };
+  const state = { blockWebSocket: false, websocketsRefused: 0, offline: false };
   const server = net.createServer((client) => {
+    if (state.offline) {
+      client.destroy(); // the network is down: nothing gets through
+      return;
+    }
     client.once("data", (first) => {
       if (state.blockWebSocket && /^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
         state.websocketsRefused++;
@@ -172,4 +176,27 @@ export async function waitForState(page, cellSelector, states, timeout = 30_000)
     const cell = await page.$eval(cellSelector, (c) => `${c.dataset.state}: ${c.innerText}`).catch(() => "?");
     throw new Error(`${cellSelector} never reached ${states}; it shows ${cell}`, { cause: err });
   }
+}
+
+/** A page of cells in a fresh browser context, once its cells are made. */
+export async function openCells(browser, url, options = {}) {
+  const context = await browser.newContext(options);
+  const page = await context.newPage();
+  const problems = [];
+  const requests = [];
+  page.on("pageerror", (e) => problems.push(String(e)));
+  page.on("request", (r) => requests.push(r.url()));
+  await page.goto(url);
+  await page.waitForSelector("[data-cellgate-ready] .cm-editor");
+  return { page, context, problems, requests };
+}
+
+/** Press a cell's Run button. */
+export async function runCell(page, sel) {
+  // Scrolled into view first and given a moment: right after a scroll, Chromium may
+  // route a click to an output frame's old position (frames are hit-tested apart).
+  const button = page.locator(`${sel} button.cg-run`);
+  await button.scrollIntoViewIfNeeded();
+  await page.waitForTimeout(100);
+  await button.click();
 }
