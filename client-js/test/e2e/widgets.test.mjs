@@ -26,19 +26,31 @@ def pressed(_):
 button.on_click(pressed)
 VBox([button, out])`;
 
-const LINKED = `from ipywidgets import IntSlider, HBox, jslink
+const LINKED = `from ipywidgets import IntSlider, HBox, VBox, jslink, link
 a = IntSlider(value=1, description="a")
 b = IntSlider(value=1, description="b")
 jslink((a, "value"), (b, "value"))
-HBox([a, b])`;
+c = IntSlider(value=1, description="c")
+d = IntSlider(value=1, description="d")
+link((c, "value"), (d, "value"))  # kept together by the kernel
+VBox([HBox([a, b]), HBox([c, d])])`;
 
-const MORE = `from ipywidgets import Checkbox, Dropdown, Text, Play, Tab, VBox, HBox, Label, interact_manual
+const MORE = `from ipywidgets import Checkbox, Dropdown, Text, Play, Tab, VBox, HBox, Output, interact, interact_manual
+import matplotlib.pyplot as plt
 tab = Tab(children=[VBox([Checkbox(description="check"), Dropdown(options=["one", "two"])]), HBox([Text(value="text"), Play()])])
 tab.titles = ["first", "second"]
 display(tab)
 @interact_manual(n=(1, 5))
 def g(n=2):
-    print("manual", n)`;
+    print("manual", n)
+@interact(word=["apple", "pear"], flag=True, note="hi")
+def h(word, flag, note):
+    print("chose", word, flag, note)
+plot = Output()
+display(plot)
+with plot:
+    plt.plot([1, 3, 2])
+    plt.show()`;
 
 before(async () => {
   gw = await startGateway(["--pool-size", "2", "--sessions-per-client", "200", "--resume-grace", "20"]);
@@ -144,7 +156,7 @@ test("a Button callback prints into an Output widget", async () => {
   await context.close();
 });
 
-test("jslink keeps two sliders together in the browser", async () => {
+test("jslink keeps two sliders together in the browser, link through the kernel", async () => {
   const { page, context } = await open("/linked");
   await run(page, "#l");
   const frame = await frameOf(page, "#l");
@@ -154,23 +166,36 @@ test("jslink keeps two sliders together in the browser", async () => {
   await handles.first().press("ArrowRight");
   await handles.first().press("ArrowRight");
   const readouts = frame.locator(".widget-readout");
-  await frame.waitForFunction(() => [...document.querySelectorAll(".widget-readout")].map((r) => r.textContent).join() === "3,3");
-  assert.deepEqual(await readouts.allTextContents(), ["3", "3"]);
+  await frame.waitForFunction(() => [...document.querySelectorAll(".widget-readout")].map((r) => r.textContent).join() === "3,3,1,1");
+  assert.deepEqual(await readouts.allTextContents(), ["3", "3", "1", "1"]);
+  await handles.nth(2).focus();
+  await handles.nth(2).press("ArrowRight"); // c moves; the kernel moves d
+  await frame.waitForFunction(() => [...document.querySelectorAll(".widget-readout")].map((r) => r.textContent).join() === "3,3,2,2");
   await context.close();
 });
 
-test("checkboxes, dropdowns, text, Play, Tab and interact_manual render and run", async () => {
+test("interact with dropdowns, checkboxes and text; interact_manual; Play; Tab; a plot in an Output widget", async () => {
   const { page, context } = await open("/more", { viewport: { width: 1000, height: 800 } });
   await run(page, "#m");
   const frame = await frameOf(page, "#m");
   await frame.locator(".lm-TabBar-tab", { hasText: "first" }).waitFor({ timeout: 30_000 });
-  assert.equal(await frame.locator("select option").count(), 2);
+  assert.equal(await frame.locator("select").first().locator("option").count(), 2);
   await frame.locator("button", { hasText: "Run Interact" }).click();
   await frame.locator(".widget-output", { hasText: "manual 2" }).waitFor({ timeout: 30_000 });
+  // interact with a dropdown, a checkbox and a text box
+  await frame.locator(".widget-output", { hasText: "chose apple True hi" }).waitFor();
+  await frame.locator("select").nth(1).selectOption("pear");
+  await frame.locator(".widget-output", { hasText: "chose pear True hi" }).waitFor({ timeout: 30_000 });
+  await frame.locator(".widget-checkbox input").nth(1).click();
+  await frame.locator(".widget-output", { hasText: "chose pear False hi" }).waitFor({ timeout: 30_000 });
+  await frame.locator("input[type=text]").nth(1).fill("typed");
+  await frame.locator(".widget-output", { hasText: "chose pear False typed" }).waitFor({ timeout: 30_000 });
+  // a plot drawn into an Output widget
+  await frame.locator(".widget-output img").waitFor({ timeout: 30_000 });
   await frame.locator(".lm-TabBar-tab", { hasText: "second" }).click();
-  await frame.locator("input[type=text]").waitFor({ state: "visible" });
-  await frame.locator("input[type=checkbox]").waitFor({ state: "hidden" }); // the first tab is hidden
-  assert.equal(await frame.locator("input[type=text]").inputValue(), "text");
+  await frame.locator("input[type=text]").first().waitFor({ state: "visible" });
+  await frame.locator("input[type=checkbox]").first().waitFor({ state: "hidden" }); // the first tab is hidden
+  assert.equal(await frame.locator("input[type=text]").first().inputValue(), "text");
   await page.screenshot({ path: join(SHOTS, "widgets.png"), fullPage: true });
   await context.close();
 });
