@@ -75,7 +75,7 @@ EMBED = """<script src="{base}/static/cellgate.js"></script>
 </script>"""
 
 MISSING = """<p class="missing">The embed is not built, so this page cannot run code yet.
-Build it with <code>make embed</code> (it needs Node.js 18 or newer), then reload.</p>
+Build it with <code>make embed</code> (it needs Node.js 20 or newer), then reload.</p>
 <pre>{code}</pre>"""
 
 
@@ -122,7 +122,7 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     names = _static_names()
     if name not in names or name == "page.html":
         if name.startswith("cellgate") and "cellgate.js" not in names:
-            raise CellgateError("not_found", "the embed is not built: run `make embed` (needs Node.js 18+)")
+            raise CellgateError("not_found", "the embed is not built: run `make embed` (needs Node.js 20+)")
         raise CellgateError("not_found", "no such static file")
     response = web.FileResponse(os.path.join(STATIC, name))  # sends an ETag and answers If-None-Match with 304
     response.headers["Cache-Control"] = IMMUTABLE if HASHED.search(name) else SHORT_CACHE

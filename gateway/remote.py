@@ -29,12 +29,11 @@ from gateway.config import Config
 from gateway.errors import CellgateError
 from gateway.follower import Follower
 from gateway.metrics import Metrics
-from gateway.permalinks import Permalinks
 from gateway.registry import SessionRecord
 from gateway.registry.redis import RedisRegistry
 from gateway.replay import replay
-from gateway.sessions import find, register, unreachable
-from gateway.spool import Item, Spool
+from gateway.sessions import KeepsBlobs, find, register, unreachable
+from gateway.spool import Item
 from gateway.stores import BlobStore
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ class RemoteSession:
         }
 
 
-class RemoteSessionManager:
+class RemoteSessionManager(KeepsBlobs):
     def __init__(self, config: Config, registry: RedisRegistry, store: BlobStore, metrics: Metrics) -> None:
         self.config = config
         self.registry = registry
@@ -173,18 +172,11 @@ class RemoteSessionManager:
         self.cluster = Cluster(registry.redis, config.redis_prefix, config.message_rate, config.message_burst)
         self.follower = Follower(registry, metrics)
         self.pool = Hosts()
-        self.base_url = config.public_url.rstrip("/")
-        self.spool = Spool(
-            config.spool_path, config.spool_size, store, metrics, self._stored_late, config.file_retention
-        )
-        self.permalinks = Permalinks(store, self.spool, self.base_url, config.permalink_retention)
+        self._keep_blobs(config, store, metrics, self._stored_late)
         self.sessions: dict[str, RemoteSession] = {}  # those with a socket on this node
         self.sio: socketio.AsyncServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-
-    def file_url(self, key: str) -> str:
-        return f"{self.base_url}/{key}"
 
     def _stored_late(self, item: Item, stored: bool) -> None:
         return None  # only POST /permalink stores here; a late write needs no notice

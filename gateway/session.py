@@ -637,9 +637,7 @@ class Session:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*self._reports, return_exceptions=True), 10)
         kernel, self.kernel = self.kernel, None
-        for request in self._queue:
-            if request.deadline is not None:
-                request.deadline.cancel()
+        self._forget_requests()
         if kernel is not None:
             await self.manager.pool.release(kernel)
         if self._unanswered_shutdown is not None:

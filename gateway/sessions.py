@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
@@ -69,7 +70,30 @@ async def register(
     return record, token
 
 
-class SessionManager:
+class KeepsBlobs:
+    """What a node's manager, of either kind, holds for files and permalinks: the
+    spool in front of the store, permalinks kept through it, and the node's own links."""
+
+    base_url: str
+    spool: Spool
+    permalinks: Permalinks
+
+    def _keep_blobs(
+        self, config: Config, store: BlobStore, metrics: Metrics, stored_late: Callable[[Item, bool], None]
+    ) -> None:
+        self.base_url = config.public_url.rstrip("/")
+        self.spool = Spool(
+            config.spool_path, config.spool_size, store, metrics, stored_late, give_up_after=config.file_retention
+        )
+        self.permalinks = Permalinks(store, self.spool, self.base_url, config.permalink_retention)
+
+    def file_url(self, key: str) -> str:
+        """A stable gateway URL: it answers with the bytes or a freshly presigned link,
+        so what the replay log holds never expires before the file does."""
+        return f"{self.base_url}/{key}"
+
+
+class SessionManager(KeepsBlobs):
     def __init__(
         self,
         config: Config,
@@ -85,11 +109,7 @@ class SessionManager:
         self.registry = registry
         self.store = store
         self.metrics = metrics
-        self.base_url = config.public_url.rstrip("/")
-        self.spool = Spool(
-            config.spool_path, config.spool_size, store, metrics, self._stored_late, give_up_after=config.file_retention
-        )
-        self.permalinks = Permalinks(store, self.spool, self.base_url, config.permalink_retention)
+        self._keep_blobs(config, store, metrics, self._stored_late)
         self.sessions: dict[str, Session] = {}
         # On a kernel host: the sessions are opened by gateway nodes, which hold their
         # clients; whether a client is there is read from the registry.
@@ -104,11 +124,6 @@ class SessionManager:
             except NoSuchKernel:
                 self._languages[kernel_name] = kernel_name
         return self._languages[kernel_name]
-
-    def file_url(self, key: str) -> str:
-        """A stable gateway URL: it answers with the bytes or a freshly presigned link,
-        so what the replay log holds never expires before the file does."""
-        return f"{self.base_url}/{key}"
 
     def _stored_late(self, item: Item, stored: bool) -> None:
         """The spool stored (or gave up on) something the store did not take at once:

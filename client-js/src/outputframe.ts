@@ -1,6 +1,6 @@
 /** The host page's side of a cell's sandboxed output frame. */
 import type { Op } from "./outputs";
-import { FRAME_MSG_TYPES } from "./widgetbridge";
+import { COMM_TYPES } from "./widgetbridge";
 
 /**
  * allow-scripts: kernel HTML may carry the scripts of plotting libraries.
@@ -117,7 +117,7 @@ export class OutputFrame {
       const buffers = Array.isArray(msg?.buffers) ? msg.buffers : [];
       if (
         typeof id === "string" && /^w-[\w-]{1,64}$/.test(id) && typeof type === "string" &&
-        FRAME_MSG_TYPES.has(type) && type !== "comm_info_request" &&
+        COMM_TYPES.has(type) &&
         typeof msg.content === "object" && msg.content !== null &&
         buffers.every((b: unknown) => b instanceof ArrayBuffer)
       ) {

@@ -13,15 +13,14 @@ export interface WidgetFrame {
   owns(parentMsgId: string): boolean;
 }
 
-const COMM_TYPES = new Set(["comm_open", "comm_msg", "comm_close"]);
+/** The comm messages a frame's widgets may send and get; nothing else a frame posts is sent on. */
+export const COMM_TYPES = new Set(["comm_open", "comm_msg", "comm_close"]);
 export const OUTPUT_TYPES = new Set(["stream", "display_data", "execute_result", "error", "clear_output"]);
 
 /** A request a frame's widgets sent (their msg_ids start so; the page's own do not). */
 export function fromWidget(msgId: string): boolean {
   return msgId.startsWith("w-");
 }
-/** What a frame may send to the kernel; anything else it posts is ignored. */
-export const FRAME_MSG_TYPES = new Set(["comm_open", "comm_msg", "comm_close", "comm_info_request"]);
 
 const bridges = new WeakMap<Session, WidgetBridge>();
 

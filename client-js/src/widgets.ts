@@ -12,6 +12,7 @@ import "@fortawesome/fontawesome-free/css/all.min.css";
 import "@fortawesome/fontawesome-free/css/v4-shims.min.css";
 import "@lumino/widgets/style/index.css";
 import "@jupyter-widgets/controls/css/widgets.css";
+import { OUTPUT_TYPES } from "./widgetbridge";
 
 export interface WireMessage {
   header: { msg_id: string; msg_type: string };
@@ -32,7 +33,6 @@ type Callbacks = {
   shell?: { reply?: (msg: WireMessage) => void };
 };
 
-const OUTPUT_TYPES = new Set(["stream", "display_data", "execute_result", "error", "clear_output"]);
 
 function toArrayBuffers(buffers?: (ArrayBuffer | ArrayBufferView)[]): ArrayBuffer[] | undefined {
   return buffers?.map((b) =>
