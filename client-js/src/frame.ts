@@ -76,7 +76,6 @@ async function typeset(el: HTMLElement): Promise<void> {
       // the source stays shown as text
     }
   }
-  reportHeight();
 }
 
 function fill(el: HTMLElement, html: string): void {
@@ -145,7 +144,6 @@ async function mountWidget(el: HTMLElement, modelId: string): Promise<void> {
   } catch (err) {
     console.warn("cellgate: widget not shown", err);
   }
-  reportHeight();
 }
 
 function onKernelMessage(msg: WireMessage): void {
@@ -187,9 +185,11 @@ function apply(op: Op): void {
   }
 }
 
+// The outputs' own height: the document's would never drop below the frame's current
+// height, so a frame could grow but never shrink when output is cleared.
 let lastHeight = -1;
 function reportHeight(): void {
-  const height = Math.ceil(document.documentElement.scrollHeight);
+  const height = Math.ceil(root.offsetTop + root.offsetHeight);
   if (height !== lastHeight) {
     lastHeight = height;
     parent.postMessage({ cellgate: "height", height }, "*");
@@ -210,8 +210,7 @@ window.addEventListener("message", (event) => {
       if (op.op === "kernel") onKernelMessage(op.msg);
       else apply(op);
     }
-    reportHeight();
   }
 });
-new ResizeObserver(reportHeight).observe(document.documentElement);
+new ResizeObserver(reportHeight).observe(root); // whatever changed it: ops, a widget, typesetting
 parent.postMessage({ cellgate: "ready" }, "*");

@@ -94,6 +94,7 @@ for i in range(80):
 print("finished")
 </div>`,
     ),
+    "/shrink": pageHtml(gw.url, `<div id="s" data-cellgate>for i in range(60): print(i)</div>`),
     "/unreachable": pageHtml(gw.url, `<div id="u" data-cellgate data-cellgate-server="http://127.0.0.1:9">1</div>`),
     "/trouble": pageHtml(
       gw.url,
@@ -370,6 +371,25 @@ test("the demo page runs through the bundle; screenshots at desktop and phone si
   assert.equal(await page.locator("#cell .cm-content").textContent(), "print('from a permalink </script>')");
   await page.click("#cell button.cg-run");
   assert.match(await waitForOutput(page, "#cell", /from a permalink/), /<\/script>/);
+  await context.close();
+});
+
+test("the output frame follows its content, down as well as up", async () => {
+  const { page, context } = await open("/shrink");
+  const height = () => page.$eval("#s iframe.cg-output", (f) => f.getBoundingClientRect().height);
+  await run(page, "#s");
+  await waitForOutput(page, "#s", /^59$/m);
+  await page.waitForFunction(() => document.querySelector("#s iframe.cg-output").getBoundingClientRect().height > 400);
+  const tall = await height();
+  await page.locator("#s .cm-content").click();
+  await page.keyboard.press("Control+a");
+  await page.keyboard.type("print('short')");
+  await page.keyboard.press("Shift+Enter");
+  await waitForOutput(page, "#s", /^short$/m);
+  await waitForState(page, "#s", ["idle"]);
+  await page.waitForFunction((t) => document.querySelector("#s iframe.cg-output").getBoundingClientRect().height < t / 4, tall, {
+    timeout: 10_000,
+  });
   await context.close();
 });
 
