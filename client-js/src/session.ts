@@ -469,10 +469,4 @@ export class Session extends Emitter<SessionEvents> {
       this.end(new CellgateError("closed", "closed by the client"));
     }
   }
-
-  /** Drop the connection now without ending the session (it can still be resumed). */
-  disconnect(): void {
-    this.setState("closed");
-    this.socket.disconnect();
-  }
 }
