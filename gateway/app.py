@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from gateway import admin, balancer
 from gateway.config import Config, MiB
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
@@ -61,9 +62,9 @@ def create_manager(config: Config, pool: KernelPool | None) -> SessionManager | 
     if config.remote_kernels:
         registry = create_registry(config)
         assert isinstance(registry, RedisRegistry)
-        return RemoteSessionManager(config, registry, create_store(config), Metrics())
+        return RemoteSessionManager(config, registry, create_store(config), Metrics(config.metrics_origins))
     assert pool is not None
-    return SessionManager(config, pool, create_registry(config), create_store(config), Metrics())
+    return SessionManager(config, pool, create_registry(config), create_store(config), Metrics(config.metrics_origins))
 
 
 def create_app(config: Config, pool: KernelPool | None = None) -> web.Application:
@@ -72,19 +73,40 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     if owns_pool:
         pool = create_pool(config)
     manager = create_manager(config, pool)
+    drain = balancer.Drain(config.drain_grace, config.drain_timeout, manager.metrics)
     app = web.Application(
-        middlewares=[cors(config), json_errors],
+        middlewares=[balancer.middleware(drain), cors(config), json_errors],
         client_max_size=max(config.file_cap, config.message_limit) + MiB,
     )
     app["config"] = config
     app["manager"] = manager
+    app["drain"] = drain
     sio = create_server(config, manager)
     if isinstance(manager, RemoteSessionManager):
         manager.sio = sio  # to reach a socket that another node holds
     sio.attach(app)
     app["sio"] = sio
     add_routes(app)
+    admin.add_routes(app)
     retention = Retention(config, manager.store)
+
+    async def close_connections() -> None:
+        # Closed at the transport, not with a Socket.IO disconnect: clients take it as
+        # a dropped connection, reconnect (through the balancer, elsewhere) and resume.
+        for sock in list(sio.eio.sockets.values()):
+            await sock.close(wait=False)
+
+    def busy() -> bool:
+        return any(getattr(s, "busy", False) for s in manager.sessions.values())
+
+    def start_drain(why: str) -> None:
+        if isinstance(manager, RemoteSessionManager):
+            manager.draining = True
+        drain.start(why, busy, close_connections)
+
+    app["start_drain"] = start_drain
+    if isinstance(manager, RemoteSessionManager):
+        manager.on_drain_asked = start_drain
 
     async def start(app: web.Application) -> None:
         await manager.registry.open()
@@ -97,11 +119,11 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
         retention.start()
 
     async def stop(app: web.Application) -> None:
+        await drain.close()
         await manager.close()
         # Close every engine.io socket properly, so that pending long-poll requests are
         # answered now rather than holding the shutdown until their ping timeout.
-        for sock in list(sio.eio.sockets.values()):
-            await sock.close(wait=False)
+        await close_connections()
         await sio.shutdown()
         await retention.close()
         await manager.spool.close()  # what is still waiting stays on disk for the next run

@@ -36,8 +36,8 @@ class _SocketIO(socketio.AsyncClient):
     poll still under way then opens a fresh one that nobody closes; ours is closed once,
     after everything that could use it has ended."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._http = aiohttp.ClientSession()
+    def __init__(self, cookies: bool = True, **kwargs: Any) -> None:
+        self._http = aiohttp.ClientSession(cookie_jar=None if cookies else aiohttp.DummyCookieJar())
         self._closing: asyncio.Task[None] | None = None
         super().__init__(http_session=self._http, **kwargs)
 
@@ -140,17 +140,31 @@ def parent_id(data: dict[str, Any]) -> str | None:
 
 
 class Client:
+    """`reconnect=True` resumes on its own after a dropped connection (a node that
+    died or drained, a network cut), retrying with backoff for up to
+    `reconnect_for` seconds; `ended` then tells why it gave up, if it did.
+    `cookies=False` keeps no cookies, as an app without a cookie jar."""
+
     def __init__(
         self,
         url: str,
         transports: list[str] | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 30.0,
+        reconnect: bool = False,
+        reconnect_for: float = 60.0,
+        cookies: bool = True,
     ) -> None:
         self.url = url
         self.transports = transports
         self.headers = headers or {}
         self.timeout = timeout
+        self.reconnect = reconnect
+        self.reconnect_for = reconnect_for
+        self.cookies = cookies
+        self.resumes = 0  # connections resumed on its own
+        self.ended: Refused | None = None  # why it stopped resuming
+        self._resumer: asyncio.Task[None] | None = None
         self.sio: socketio.AsyncClient | None = None
         self.info: dict[str, Any] = {}
         self.token: str | None = None
@@ -184,7 +198,10 @@ class Client:
         # aiohttp refuses WebSocket messages over 4 MiB by default and drops the
         # connection; a server relays kernel messages of up to 16 MiB (more, encoded).
         sio = _SocketIO(
-            reconnection=False, engineio_logger=_EIO_LOG, websocket_extra_options={"max_msg_size": MAX_MESSAGE}
+            cookies=self.cookies,
+            reconnection=False,
+            engineio_logger=_EIO_LOG,
+            websocket_extra_options={"max_msg_size": MAX_MESSAGE},
         )
         self._session_event.clear()
         self._refusal = None
@@ -199,6 +216,12 @@ class Client:
                 self._refusal = data["data"]
             else:
                 self._refusal = {"code": "unknown", "message": str(data)}
+
+        @sio.event
+        async def disconnect(*reason: Any) -> None:
+            # Not our own drop (which forgets the socket first): resume, if asked to.
+            if self.reconnect and sio is self.sio and (self._resumer is None or self._resumer.done()):
+                self._resumer = asyncio.ensure_future(self._resume_until_back())
 
         @sio.on("session")
         async def on_session(data: dict[str, Any]) -> None:
@@ -224,6 +247,26 @@ class Client:
         self.sio = sio
         await asyncio.wait_for(self._session_event.wait(), self.timeout)
         return self.info
+
+    async def _resume_until_back(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_for
+        delay = 0.1
+        while self.reconnect:
+            try:
+                await self.resume()
+                self.resumes += 1
+                return
+            except Refused as exc:
+                if exc.code in ("token_invalid", "session_taken") or loop.time() > deadline:
+                    self.ended = exc
+                    return
+            except (OSError, TimeoutError, aiohttp.ClientError, socketio.exceptions.SocketIOError) as exc:
+                if loop.time() > deadline:
+                    self.ended = Refused("connection_failed", str(exc))
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _received(self, event: str, data: Any) -> None:
         if not isinstance(data, dict):
@@ -253,6 +296,15 @@ class Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop resuming and close the connection (the session lives on until its grace ends)."""
+        self.reconnect = False
+        if self._resumer is not None and not self._resumer.done() and self._resumer is not asyncio.current_task():
+            self._resumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._resumer
         await self.drop()
 
     @property

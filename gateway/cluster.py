@@ -6,7 +6,12 @@
     <p>:hs:<id>          SET     the sessions a host owns
     <p>:in:<id>          STREAM  client messages for a host's sessions: s (session),
                                  c (channel, or "open"), m (the message, msgpack)
-    <p>:node:<id>        STRING  a gateway node's heartbeat, expiring the same way
+    <p>:nodes            SET     gateway node ids
+    <p>:node:<id>        STRING  a gateway node's heartbeat (JSON: sessions, draining),
+                                 expiring the same way
+    <p>:drain:<id>       STRING  an admin's request that node <id> drain
+    <p>:bye:<id>         STRING  why a kernel host stopped (drained), for the node that
+                                 reaps it to tell the clients
     <p>:reap:<id>        STRING  held by the one node that reaps a dead host
 
 Client messages reach a host through its own stream, in the order each node sent them
@@ -75,12 +80,49 @@ class Cluster:
             await self.redis.delete(self.key("reap", host_id))
         return not reaped
 
-    async def host_gone(self, host_id: str) -> None:
-        """A host that stops says so at once, instead of letting its beat expire."""
-        await self.redis.delete(self.key("host", host_id))
+    async def host_gone(self, host_id: str, reason: str = "") -> None:
+        """A host that stops says so at once, instead of letting its beat expire, and
+        why, for its sessions' clients."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if reason:
+                pipe.set(self.key("bye", host_id), reason, ex=300)
+            pipe.delete(self.key("host", host_id))
+            await pipe.execute()
 
-    async def node_beat(self, node_id: str) -> None:
-        await self.redis.set(self.key("node", node_id), "1", ex=EXPIRY)
+    async def farewell(self, host_id: str) -> str | None:
+        reason = await self.redis.get(self.key("bye", host_id))
+        return reason.decode() if reason else None
+
+    async def node_beat(self, node_id: str, report: dict[str, Any] | None = None) -> bool:
+        """Beat; True if an admin asked this node to drain since the last beat."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.key("node", node_id), json.dumps({**(report or {}), "at": time.time()}), ex=EXPIRY)
+            pipe.sadd(self.key("nodes"), node_id)
+            pipe.getdel(self.key("drain", node_id))
+            _, _, asked = await pipe.execute()
+        return asked is not None
+
+    async def node_gone(self, node_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.key("node", node_id))
+            pipe.srem(self.key("nodes"), node_id)
+            await pipe.execute()
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        """The live gateway nodes with their last reports (forgetting dead ones)."""
+        ids = sorted(i.decode() for i in await self.redis.smembers(self.key("nodes")))
+        reports = await self.redis.mget([self.key("node", i) for i in ids]) if ids else []
+        dead = [i for i, r in zip(ids, reports, strict=True) if r is None]
+        if dead:
+            await self.redis.srem(self.key("nodes"), *dead)
+        return {i: json.loads(r) for i, r in zip(ids, reports, strict=True) if r is not None}
+
+    async def ask_drain(self, node_id: str) -> bool:
+        """Ask a live node to drain (it sees it at its next beat); False if none such."""
+        if not await self.node_alive(node_id):
+            return False
+        await self.redis.set(self.key("drain", node_id), "1", ex=EXPIRY * 4)
+        return True
 
     async def node_alive(self, node_id: str) -> bool:
         return bool(await self.redis.exists(self.key("node", node_id)))
@@ -93,11 +135,12 @@ class Cluster:
         return live, [i for i in ids if i not in live]
 
     async def pick_host(self) -> str:
-        """The live host with the most free kernel places."""
+        """The live host with the most free kernel places (a draining host has none)."""
         live, _ = await self.hosts()
-        if not live:
-            raise CellgateError("capacity_node", "no kernel host is running")
-        return max(live, key=lambda i: (live[i].get("free", 0), i))
+        open_hosts = {i: r for i, r in live.items() if not r.get("draining")}
+        if not open_hosts:
+            raise CellgateError("capacity_node", "no kernel host is taking new kernels")
+        return max(open_hosts, key=lambda i: (open_hosts[i].get("free", 0), i))
 
     # -- sessions and their messages --------------------------------------------------------
 

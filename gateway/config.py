@@ -99,6 +99,19 @@ class Config:
     kernel_disk: int = _setting(256 * MiB, "bytes a kernel's working directory holds, uploads included (0: no quota)")
     kernel_inodes: int = _setting(20_000, "files and directories a kernel's working directory holds")
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text (one line per record) or json (one JSON object per line)")
+    drain_grace: float = _setting(
+        5.0, "seconds a draining node keeps serving while the load balancer notices its /health (503)"
+    )
+    drain_timeout: float = _setting(
+        60.0, "seconds a draining kernel host waits for running executions before its kernels end"
+    )
+    metrics_origins: int = _setting(
+        50, "distinct embedding origins counted by name in metrics; later ones count as 'other'"
+    )
+    admin_token: str = _setting(
+        "", "token of the admin API (/admin/...; off when empty); belongs in CELLGATE_ADMIN_TOKEN, not argv"
+    )
 
     @property
     def allowed_kernels(self) -> list[str]:
@@ -161,9 +174,13 @@ def _convert(kind: Any, raw: str, name: str) -> Any:
 
 
 def parse(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, prog: str = "python -m gateway"
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str = "python -m gateway",
+    defaults: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Build a Config from the defaults, then the environment, then argv."""
+    """Build a Config from the defaults (`defaults` over the dataclass's), then the
+    environment, then argv."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -172,7 +189,8 @@ def parse(
     )
     for f in dataclasses.fields(Config):
         kind: Any = _boolean if isinstance(f.default, bool) else type(f.default)
-        default = f.default
+        default = f.default if defaults is None else defaults.get(f.name, f.default)
+        own_default = default
         if env_name(f.name) in environ:
             default = _convert(kind, environ[env_name(f.name)], f.name)
         parser.add_argument(
@@ -180,12 +198,17 @@ def parse(
             type=kind,
             default=default,
             metavar=kind.__name__.upper(),  # BOOL takes true/false, yes/no, on/off, 1/0
-            help=f"{f.metadata['help']} (default: {f.default!r}; env {env_name(f.name)})",
+            help=f"{f.metadata['help']} (default: {own_default!r}; env {env_name(f.name)})",
         )
     args = parser.parse_args(argv)
     if args.redis != environ.get(env_name("redis"), "") and urllib.parse.urlsplit(args.redis).password:
         raise SystemExit(
             "cellgate: a Redis URL with a password belongs in CELLGATE_REDIS, not on the command line, "
+            "which any local user can read in /proc"
+        )
+    if args.admin_token != environ.get(env_name("admin_token"), ""):
+        raise SystemExit(
+            "cellgate: the admin token belongs in CELLGATE_ADMIN_TOKEN, not on the command line, "
             "which any local user can read in /proc"
         )
     config = Config(**vars(args))
@@ -230,6 +253,12 @@ def validate(config: Config) -> None:
         problems.append("--s3-prefix may hold only letters, digits and _ . - /")
     if config.spool_size < config.file_cap:
         problems.append("--spool-size must hold at least one file of --file-cap")
+    if config.log_format not in ("text", "json"):
+        problems.append("--log-format must be text or json")
+    if config.drain_grace < 0 or config.drain_timeout < 0:
+        problems.append("--drain-grace and --drain-timeout must not be negative")
+    if config.admin_token and len(config.admin_token) < 16:
+        problems.append("CELLGATE_ADMIN_TOKEN must be at least 16 characters")
     if config.isolation not in ("auto", "required", "off"):
         problems.append("--isolation must be auto, required or off")
     if config.isolation == "required" and not config.fork_server:

@@ -25,6 +25,7 @@ CODES: dict[str, int] = {
     "timeout": 504,
     "not_found": 404,
     "store_failed": 503,
+    "node_draining": 503,
 }
 
 

@@ -123,7 +123,7 @@ def openapi(config: Config) -> dict[str, Any]:
                             "application/x-www-form-urlencoded": {"schema": code_body},
                         },
                     },
-                    "responses": {"200": _json(service_result, "ran"), **_errors(400, 413, 429, 504)},
+                    "responses": {"200": _json(service_result, "ran"), **_errors(400, 413, 429, 503, 504)},
                 }
             },
             "/upload": {
@@ -158,11 +158,45 @@ def openapi(config: Config) -> dict[str, Any]:
                     },
                 }
             },
+            "/admin/sessions": {
+                "get": {
+                    "summary": "Every live session: node, kernel host, age, client, origin, state (admin)",
+                    "security": [{"adminToken": []}],
+                    "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 10000}}],
+                    "responses": {"200": _json({"type": "object"}, "the sessions"), **_errors(400, 401, 404)},
+                }
+            },
+            "/admin/sessions/{id}": {
+                "delete": {
+                    "summary": "End a session; its client gets kernel shutdown with reason admin (admin)",
+                    "security": [{"adminToken": []}],
+                    "parameters": id_param,
+                    "responses": {"202": _json({"type": "object"}, "ending"), **_errors(401, 404)},
+                }
+            },
+            "/admin/nodes": {
+                "get": {
+                    "summary": "The gateway nodes and kernel hosts (admin)",
+                    "security": [{"adminToken": []}],
+                    "responses": {"200": _json({"type": "object"}, "nodes and hosts"), **_errors(401, 404)},
+                }
+            },
+            "/admin/nodes/{id}/drain": {
+                "post": {
+                    "summary": "Drain a node: its clients move to other nodes, then it stops (admin)",
+                    "security": [{"adminToken": []}],
+                    "parameters": id_param,
+                    "responses": {"202": _json({"type": "object"}, "draining"), **_errors(401, 404)},
+                }
+            },
             "/": {"get": {"summary": "Demo page", "responses": {"200": {"description": "HTML"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}},
         },
         "components": {
             "responses": {"Error": _json(ERROR, "an error with a code and a message")},
-            "securitySchemes": {"resumeToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "resumeToken": {"type": "http", "scheme": "bearer"},
+                "adminToken": {"type": "http", "scheme": "bearer", "description": "CELLGATE_ADMIN_TOKEN"},
+            },
         },
     }

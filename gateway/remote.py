@@ -177,6 +177,8 @@ class RemoteSessionManager(KeepsBlobs):
         self.sio: socketio.AsyncServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self.on_drain_asked: Any = None  # called when the admin API asks this node to drain
+        self.draining = False
 
     def _stored_late(self, item: Item, stored: bool) -> None:
         return None  # only POST /permalink stores here; a late write needs no notice
@@ -191,13 +193,16 @@ class RemoteSessionManager(KeepsBlobs):
         self.follower.start()
         self._loops = [asyncio.create_task(self._beat()), asyncio.create_task(self._watch_hosts())]
 
-    async def open(self, client: str, kernel_name: str | None = None, logged: bool = True) -> tuple[Any, str]:
+    async def open(
+        self, client: str, kernel_name: str | None = None, logged: bool = True, origin: str = ""
+    ) -> tuple[Any, str]:
         """A session on the live host with the most free places, and its resume token."""
         try:
             host = await self.cluster.pick_host()
         except (RedisError, OSError):
             raise unreachable() from None
-        record, token = await register(self.config, self.registry, client, kernel_name, host)
+        record, token = await register(self.config, self.registry, client, kernel_name, host, origin)
+        self.metrics.sessions_opened.labels(self.metrics.origins.label(origin)).inc()
         try:
             await self.cluster.assign(record.id, host)
             await self.cluster.send(record.id, "open", {}, counted=False)  # the host takes on its life now
@@ -227,7 +232,9 @@ class RemoteSessionManager(KeepsBlobs):
     async def _beat(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                await self.cluster.node_beat(self.node_id)
+                report = {"sessions": len(self.sessions), "draining": self.draining}
+                if await self.cluster.node_beat(self.node_id, report) and self.on_drain_asked is not None:
+                    self.on_drain_asked("admin API")
             await asyncio.sleep(BEAT)
 
     async def _watch_hosts(self) -> None:
@@ -247,14 +254,23 @@ class RemoteSessionManager(KeepsBlobs):
         sessions = await self.cluster.claim(host, self.node_id)
         if sessions is None:
             return
-        log.warning("kernel host %s is gone; its %d sessions go on elsewhere", host, len(sessions))
+        farewell = await self.cluster.farewell(host)
+        reason = farewell or "its kernel host stopped"
+        log.log(
+            logging.INFO if farewell else logging.WARNING,
+            "kernel host %s is gone (%s); its %d sessions go on elsewhere",
+            host,
+            reason,
+            len(sessions),
+        )
         for session_id in sessions:
             record = await self.registry.get(session_id)
             if record is None:
                 continue
-            record.host = max(live, key=lambda i: (live[i].get("free", 0), i)) if live else ""
+            taking = {i: h for i, h in live.items() if not h.get("draining")}
+            record.host = max(taking, key=lambda i: (taking[i].get("free", 0), i)) if taking else ""
             await self.registry.update(record)
-            dead = {"state": "dead", "reason": "its kernel host stopped"}
+            dead = {"state": "dead", "reason": reason}
             with contextlib.suppress(Exception):
                 await self.registry.append(session_id, [("kernel", dead, 256)], after=None)
             if record.host:
@@ -267,6 +283,8 @@ class RemoteSessionManager(KeepsBlobs):
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.cluster.node_gone(self.node_id)
         await self.follower.close()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):

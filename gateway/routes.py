@@ -17,6 +17,7 @@ from gateway.config import PROTOCOL, Config
 from gateway.errors import CellgateError
 from gateway.messages import check_filename
 from gateway.openapi import openapi
+from gateway.remote import RemoteSessionManager
 from gateway.sessions import SessionManager
 from gateway.spool import SpoolFull
 from gateway.stores import StoreUnavailable
@@ -81,10 +82,12 @@ def manager_of(request: web.Request) -> SessionManager:
 async def health(request: web.Request) -> web.Response:
     manager = manager_of(request)
     registry_ok = await manager.registry.reachable()
-    ok = manager.pool.healthy and registry_ok
+    draining = request.app["drain"].draining
+    ok = manager.pool.healthy and registry_ok and not draining
     body = {
-        "status": "ok" if ok else "unavailable",
+        "status": "ok" if ok else "draining" if draining else "unavailable",
         "protocol": PROTOCOL,
+        "node": manager.node_id,
         "kernels": manager.pool.counts(),
         "max_kernels": manager.pool.max_kernels,
         "sessions": len(manager.sessions),
@@ -95,7 +98,9 @@ async def health(request: web.Request) -> web.Response:
             "spool": {"items": manager.spool.pending, "bytes": manager.spool.used},
         },
     }
-    if not registry_ok:
+    if draining:
+        body["error"] = {"code": "node_draining", "message": "this node is shutting down"}
+    elif not registry_ok:
         body["error"] = {"code": "no_kernel", "message": "the session registry (Redis) cannot be reached"}
     elif not ok:
         body["error"] = {"code": "no_kernel", "message": manager.pool.last_error or "kernels cannot start"}
@@ -104,12 +109,20 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     manager = manager_of(request)
+    m = manager.metrics
     for state, n in manager.pool.counts().items():
-        manager.metrics.kernels.labels(state).set(n)
+        m.kernels.labels(state).set(n)
     for state, n in manager.counts().items():
-        manager.metrics.sessions.labels(state).set(n)
-    response = web.Response(body=manager.metrics.render())
-    response.headers["Content-Type"] = manager.metrics.content_type
+        m.sessions.labels(state).set(n)
+    started = time.monotonic()
+    m.registry_up.set(1 if await manager.registry.reachable() else 0)
+    m.registry_ping.set(time.monotonic() - started)
+    if isinstance(manager, RemoteSessionManager):
+        live = manager.pool.live.values()
+        m.kernel_hosts.labels("draining").set(sum(1 for h in live if h.get("draining")))
+        m.kernel_hosts.labels("live").set(sum(1 for h in live if not h.get("draining")))
+    response = web.Response(body=m.render())
+    response.headers["Content-Type"] = m.content_type
     return response
 
 
@@ -184,7 +197,9 @@ async def run_service(request: web.Request) -> web.Response:
     body = await _json_body(request, manager.config.message_limit)
     code = _code(body)
     client = client_address(request, manager.config.proxies)
-    return web.json_response(await service.run(manager, code, client))
+    origin = request.headers.get("Origin", "")
+    manager.metrics.executions.labels(manager.metrics.origins.label(origin)).inc()
+    return web.json_response(await service.run(manager, code, client, origin))
 
 
 async def upload(request: web.Request) -> web.Response:

@@ -71,11 +71,13 @@ def _request(code: str, msg_id: str) -> dict[str, Any]:
     }
 
 
-async def run(manager: SessionManager | RemoteSessionManager, code: str, client: str) -> dict[str, Any]:
+async def run(
+    manager: SessionManager | RemoteSessionManager, code: str, client: str, origin: str = ""
+) -> dict[str, Any]:
     if isinstance(manager, RemoteSessionManager):
-        return await _run_remote(manager, code, client)
+        return await _run_remote(manager, code, client, origin)
     timeout = manager.config.service_timeout
-    session, _ = await manager.open(client, logged=False)
+    session, _ = await manager.open(client, logged=False, origin=origin)
     msg_id = uuid.uuid4().hex
     sink = Collector(msg_id, manager.config.client_buffer)
     session.sink = sink
@@ -95,12 +97,12 @@ async def run(manager: SessionManager | RemoteSessionManager, code: str, client:
     return _result(sink, msg_id)
 
 
-async def _run_remote(manager: RemoteSessionManager, code: str, client: str) -> dict[str, Any]:
+async def _run_remote(manager: RemoteSessionManager, code: str, client: str, origin: str) -> dict[str, Any]:
     """The same on a node whose kernels are on kernel hosts: the session is asked to
     shut down after the execution, and its host ends it once the files the code wrote
     are reported, so the session's last event (`kernel` `shutdown`) comes after them."""
     timeout = manager.config.service_timeout
-    session, token = await manager.open(client)
+    session, token = await manager.open(client, origin=origin)
     msg_id = uuid.uuid4().hex
     sink = Collector(msg_id, manager.config.client_buffer)
     await session.attach(sink, token, False, None, None)

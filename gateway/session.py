@@ -281,6 +281,11 @@ class Session:
     # -- messages to the kernel -------------------------------------------------
 
     @property
+    def busy(self) -> bool:
+        """A request is outstanding: the kernel is running (or about to run) code."""
+        return bool(self._queue)
+
+    @property
     def ended(self) -> bool:
         return self.life is Life.ENDED
 

@@ -42,7 +42,12 @@ async def find(registry: SessionRegistry, token: object) -> SessionRecord | None
 
 
 async def register(
-    config: Config, registry: SessionRegistry, client: str, kernel_name: str | None, host: str = ""
+    config: Config,
+    registry: SessionRegistry,
+    client: str,
+    kernel_name: str | None,
+    host: str = "",
+    origin: str = "",
 ) -> tuple[SessionRecord, str]:
     """A new session's record, in the registry under the per-address limit, and its
     resume token (the only time the token is seen)."""
@@ -58,6 +63,7 @@ async def register(
         client=client,
         created=time.time(),
         host=host,
+        origin=origin[:256],
     )
     try:
         created = await registry.create(record, per_client=config.sessions_per_client)
@@ -115,6 +121,7 @@ class SessionManager(KeepsBlobs):
         # clients; whether a client is there is read from the registry.
         self.cluster = cluster
         self.host_id = host_id
+        self.node_id = host_id or uuid.uuid4().hex[:12]  # what /health and the admin API call this process
         self._languages: dict[str, str] = {}
 
     def language(self, kernel_name: str) -> str:
@@ -144,9 +151,12 @@ class SessionManager(KeepsBlobs):
             message = f"{note['entry']['name']} could not be stored"
             session.publish("error", {"code": "store_failed", "message": message, "msg_id": msg_id})
 
-    async def open(self, client: str, kernel_name: str | None = None, logged: bool = True) -> tuple[Session, str]:
+    async def open(
+        self, client: str, kernel_name: str | None = None, logged: bool = True, origin: str = ""
+    ) -> tuple[Session, str]:
         """A new session and its resume token (the only time the token is seen)."""
-        record, token = await register(self.config, self.registry, client, kernel_name)
+        record, token = await register(self.config, self.registry, client, kernel_name, origin=origin)
+        self.metrics.sessions_opened.labels(self.metrics.origins.label(origin)).inc()
         session = Session(self, record, logged=logged)
         self.sessions[record.id] = session
         return session, token

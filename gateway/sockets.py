@@ -55,10 +55,13 @@ def _packet_size(pkt: Any) -> int:
 class _EngineIO(engineio.AsyncServer):
     """Byte-counted send queues, and a quiet end to a close.
 
-    A polling client answers the server's close with one last request of its own, for
-    a sid this node has just forgotten, which engine.io would log as an ERROR. That is
-    the normal tail of a close; an unknown sid this node never closed (a balancer that
-    lost stickiness) is still logged as engine.io logs it.
+    A request for a sid this node does not hold is logged by engine.io as an ERROR. It
+    is the client's doing, and normal: a polling client answers the server's close
+    with one last request for a sid this node has just forgotten, and behind a
+    balancer a node that died or drained sends its clients' next polls to another
+    node. So it is logged at DEBUG for a sid this node closed and at INFO for any
+    other (a balancer that lost stickiness shows as many of these; so does
+    HAProxy's log); the client gets its 400 and reconnects either way.
     """
 
     CLOSED_REMEMBERED = 10_000
@@ -78,8 +81,9 @@ class _EngineIO(engineio.AsyncServer):
         return await super()._trigger_event(event, *args, **kwargs)
 
     def _log_error_once(self, message: str, message_key: str) -> None:
-        if message_key == "bad-sid" and message.rsplit(" ", 1)[-1] in self._closed:
-            self.logger.debug(message)
+        if message_key == "bad-sid":
+            closed = message.rsplit(" ", 1)[-1] in self._closed
+            self.logger.log(logging.DEBUG if closed else logging.INFO, "%s", message)
             return
         super()._log_error_once(message, message_key)
 
@@ -162,6 +166,14 @@ def _read_whole_bodies(sio: socketio.AsyncServer) -> None:
     sio.eio._async = driver
 
 
+class _QuietOutage(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """python-socketio's Redis manager logs a Redis outage as ERROR on every retry; the
+    node reports the same outage once, in /health and a WARNING, so these are warnings."""
+
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.warning(msg, *args, **kwargs)
+
+
 class SocketSink:
     def __init__(self, sio: Server, sid: str, manager: SessionManager | RemoteSessionManager) -> None:
         self.sio = sio
@@ -198,6 +210,7 @@ class Connection:
         resumed: bool,
         seq: int | None,
         epoch: str | None,
+        origin: str,
     ) -> None:
         self.session = session
         self.sink = sink
@@ -205,6 +218,7 @@ class Connection:
         self.resumed = resumed
         self.seq = seq
         self.epoch = epoch
+        self.origin = origin  # the page's Origin, as a metrics label
 
 
 def create_server(config: Config, manager: SessionManager | RemoteSessionManager) -> Server:
@@ -214,7 +228,9 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
     if config.remote_kernels:
         options = {"ssl_ca_certs": config.redis_ca_file} if config.redis_ca_file else {}
         channel = f"{config.redis_prefix}:socketio"
-        client_manager = socketio.AsyncRedisManager(config.redis, channel=channel, redis_options=options)
+        client_manager = socketio.AsyncRedisManager(
+            config.redis, channel=channel, redis_options=options, logger=_QuietOutage(log)
+        )
     sio = Server(
         client_manager=client_manager,
         async_mode="aiohttp",
@@ -247,6 +263,8 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
 
     async def _open(sid: str, environ: dict[str, Any], auth: Any) -> Connection:
         auth = auth if auth is not None else {}
+        origin = environ.get("HTTP_ORIGIN", "")
+        label = manager.metrics.origins.label(origin)
         if not isinstance(auth, dict):
             raise CellgateError("bad_message", "auth must be an object")
         sink = SocketSink(sio, sid, manager)
@@ -257,10 +275,11 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
             if epoch is not None and not isinstance(epoch, str):
                 raise CellgateError("bad_message", "epoch must be a string")
             session = await manager.resume(auth["resume"])
-            return Connection(session, sink, auth["resume"], True, seq, epoch)
+            return Connection(session, sink, auth["resume"], True, seq, epoch, label)
         request: web.Request = environ["aiohttp.request"]
-        session, token = await manager.open(client_address(request, config.proxies), auth.get("kernel"))
-        return Connection(session, sink, token, False, None, None)
+        client = client_address(request, config.proxies)
+        session, token = await manager.open(client, auth.get("kernel"), origin=origin)
+        return Connection(session, sink, token, False, None, None, label)
 
     @sio.on("connected")
     async def connected(sid: str) -> None:
@@ -292,6 +311,8 @@ def create_server(config: Config, manager: SessionManager | RemoteSessionManager
             await conn.session.to_kernel(channel, msg)
         except CellgateError as exc:
             return fail(exc, data)
+        if msg["header"]["msg_type"] == "execute_request":
+            manager.metrics.executions.labels(conn.origin).inc()
         return {"ok": True, "msg_id": msg["header"]["msg_id"]}
 
     @sio.on("shell")

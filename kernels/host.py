@@ -10,6 +10,13 @@ nodes speak Socket.IO and Redis only; nothing of a kernel reaches Redis unbounde
 It beats every second in Redis with its free places, counts and isolation, so nodes
 pick it for new sessions and notice when it dies. It takes every kernel setting a
 node takes (`python -m kernels.host --help`); it is the only part that needs root.
+It serves `/health` and `/metrics` on `--host`:`--port` (default 127.0.0.1:8889).
+
+SIGTERM drains it: it takes no new sessions (its beat says so), lets running
+executions finish for up to `--drain-timeout` seconds, then stops. Its sessions are
+not ended: the node that reaps it tells each client `kernel` `dead` with the reason,
+and each goes on with a fresh kernel on another host. SIGINT, or a second SIGTERM,
+stops it without waiting.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from aiohttp import web
+
+from gateway import logs
 from gateway.app import create_pool
 from gateway.cluster import BEAT, Cluster
-from gateway.config import Config, parse
+from gateway.config import PROTOCOL, Config, parse
 from gateway.errors import CellgateError
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
@@ -36,6 +46,8 @@ from gateway.stores import create_store
 from kernels.provisioner import ForkServerError
 
 log = logging.getLogger("kernels.host")
+
+DRAINED = "its kernel host was shut down"
 
 
 class KernelHost:
@@ -49,26 +61,92 @@ class KernelHost:
         self.cluster = Cluster(registry.redis, config.redis_prefix)
         self.pool = create_pool(config)
         self.manager = SessionManager(
-            config, self.pool, registry, create_store(config), Metrics(), cluster=self.cluster, host_id=self.id
+            config,
+            self.pool,
+            registry,
+            create_store(config),
+            Metrics(config.metrics_origins),
+            cluster=self.cluster,
+            host_id=self.id,
         )
         self._inboxes: dict[str, asyncio.Queue[tuple[str, Any]]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
+        self.manager.metrics.draining.set(0)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, drain: asyncio.Event, stop: asyncio.Event) -> None:
+        """Serve until `stop`; `drain` first lets running executions finish."""
         await self.manager.registry.open()
         await self.manager.spool.open()
         await self.pool.open()
         self.pool.start()
+        http = await self._serve_http()
         log.info("kernel host %s serving (isolation: %s)", self.id, self.pool.isolation().get("level"))
         self._tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._receive())]
-        await stop.wait()
-        await self.close()
+        draining = asyncio.ensure_future(drain.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([draining, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            await self._drain(stop)
+        draining.cancel()
+        stopping.cancel()
+        await self.close(DRAINED if self.draining else "")
+        await http.cleanup()
+
+    async def _drain(self, stop: asyncio.Event) -> None:
+        self.draining = True
+        self.manager.metrics.draining.set(1)
+        with contextlib.suppress(Exception):  # nodes learn it now rather than at the next beat
+            await self.cluster.host_beat(self.id, self.report())
+        timeout = self.config.drain_timeout
+        log.info("kernel host %s draining: no new sessions; waiting up to %g s for running code", self.id, timeout)
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline and self._busy():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # sessions signal nothing when they go idle: look ten times a second
+        left = sum(1 for s in self.manager.sessions.values() if s.busy)
+        log.info("kernel host %s drained (%d executions still running)", self.id, left)
+
+    def _busy(self) -> bool:
+        return any(s.busy for s in self.manager.sessions.values())
+
+    async def _serve_http(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.host, self.config.port).start()
+        return runner
+
+    async def _health(self, request: web.Request) -> web.Response:
+        registry_ok = await self.manager.registry.reachable()
+        ok = self.pool.healthy and registry_ok and not self.draining
+        body = {
+            "status": "ok" if ok else "draining" if self.draining else "unavailable",
+            "protocol": PROTOCOL,
+            "host": self.id,
+            **self.report(),
+            "registry": {"backend": "redis", "reachable": registry_ok},
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        m = self.manager.metrics
+        for state, n in self.pool.counts().items():
+            m.kernels.labels(state).set(n)
+        m.sessions.labels("hosted").set(len(self.manager.sessions))
+        started = time.monotonic()
+        m.registry_up.set(1 if await self.manager.registry.reachable() else 0)
+        m.registry_ping.set(time.monotonic() - started)
+        return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
     def report(self) -> dict[str, Any]:
         counts = self.pool.counts()
+        free = max(0, self.pool.max_kernels - counts["attached"] - counts["starting"])
         return {
-            "free": max(0, self.pool.max_kernels - counts["attached"] - counts["starting"]),
+            "free": 0 if self.draining else free,
+            "draining": self.draining,
             "kernels": counts,
             "max_kernels": self.pool.max_kernels,
             "healthy": self.pool.healthy,
@@ -142,7 +220,9 @@ class KernelHost:
         try:
             if channel == "open":
                 return
-            if channel == "upload":
+            if channel == "end":  # the admin API
+                await session.end("shutdown", "admin")
+            elif channel == "upload":
                 await session.upload(msg["name"], msg["data"])
             else:
                 await session.to_kernel(channel, msg)
@@ -153,14 +233,14 @@ class KernelHost:
         except Exception:
             log.exception("kernel host %s: session %s: a %s message failed", self.id, session.id, channel)
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "") -> None:
         for task in [*self._tasks, *self._workers.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._workers.values(), return_exceptions=True)
         # Its sessions are not ended: said gone, the host is reaped at once, and each
         # session goes on with a new kernel on another host.
         with contextlib.suppress(Exception):
-            await self.cluster.host_gone(self.id)
+            await self.cluster.host_gone(self.id, reason)
         await asyncio.gather(*(s.abandon() for s in list(self.manager.sessions.values())))
         await self.pool.close()
         await self.manager.spool.close()
@@ -169,17 +249,17 @@ class KernelHost:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse(argv, prog="python -m kernels.host")
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    # Its own port, so that a node and a host can share a machine with the defaults.
+    config = parse(argv, prog="python -m kernels.host", defaults={"port": 8889})
+    logs.setup(config.log_level, config.log_format, process="kernel-host")
 
     async def serve() -> None:
-        stop = asyncio.Event()
+        drain, stop = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await KernelHost(config).run(stop)
+        # The first SIGTERM drains; a second one, or SIGINT, stops at once.
+        loop.add_signal_handler(signal.SIGTERM, lambda: (stop if drain.is_set() else drain).set())
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await KernelHost(config).run(drain, stop)
 
     try:
         asyncio.run(serve())

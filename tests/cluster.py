@@ -81,14 +81,19 @@ class Cluster:
         return process
 
     def host(self, **settings: str) -> Process:
+        """A kernel host; its /health and /metrics are on `url`."""
+        port = free_port()
         settings.setdefault("pool_size", "1")
         settings.setdefault("spool_dir", str(self.directory / f"spool-host-{len(self.processes)}"))
-        return self._start(["-m", "kernels.host"], "host", **settings)
+        process = self._start(["-m", "kernels.host", "--port", str(port)], "host", **settings)
+        process.port = port
+        return process
 
-    def node(self, run_as: list[str] | None = None, **settings: str) -> Process:
-        """A gateway node; `run_as` is the command that runs Python as another user."""
-        port = free_port()
-        home = self.directory / f"node-{port}"
+    def node(self, run_as: list[str] | None = None, port: int = 0, **settings: str) -> Process:
+        """A gateway node (on `port`, or a free one); `run_as` is the command that runs
+        Python as another user."""
+        port = port or free_port()
+        home = self.directory / f"node-{port}-{len(self.processes)}"
         home.mkdir(mode=0o700)
         if run_as is not None:
             user = pwd.getpwnam(UNPRIVILEGED)

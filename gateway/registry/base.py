@@ -34,6 +34,7 @@ class SessionRecord:
     created: float
     kernel_id: str | None = None
     host: str = ""  # the kernel host that owns its kernel and its life ("": this node)
+    origin: str = ""  # the Origin of the page that opened it, as its client said (for operators)
 
 
 @dataclass
@@ -79,6 +80,10 @@ class SessionRegistry(ABC):
 
     @abstractmethod
     async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    @abstractmethod
+    async def list(self, limit: int) -> list[SessionRecord]:
+        """Up to `limit` live sessions, in no particular order (for operators)."""
 
     @abstractmethod
     async def find(self, token: str) -> SessionRecord | None:

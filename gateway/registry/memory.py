@@ -39,6 +39,9 @@ class MemoryRegistry(SessionRegistry):
         record = self._records.get(session_id)
         return dataclasses.replace(record) if record else None
 
+    async def list(self, limit: int) -> list[SessionRecord]:
+        return [dataclasses.replace(r) for r in itertools.islice(self._records.values(), limit)]
+
     async def find(self, token: str) -> SessionRecord | None:
         session_id = self._by_token.get(token_digest(token))
         return await self.get(session_id) if session_id else None

@@ -141,6 +141,7 @@ def _decode(raw: dict[bytes, bytes]) -> SessionRecord:
         created=float(values["created"]),
         kernel_id=values["kernel_id"] or None,
         host=values.get("host", ""),
+        origin=values.get("origin", ""),
     )
 
 
@@ -206,6 +207,18 @@ class RedisRegistry(SessionRegistry):
         with _unavailable():
             raw = await self.redis.hgetall(self._key("s", session_id))
             return _decode(raw) if raw else None
+
+    async def list(self, limit: int) -> list[SessionRecord]:
+        # SCAN walks the keyspace in small steps, so a large registry never blocks Redis.
+        records: list[SessionRecord] = []
+        with _unavailable():
+            async for key in self.redis.scan_iter(match=self._key("s", "*"), count=500):
+                raw = await self.redis.hgetall(key)
+                if raw and b"id" in raw:
+                    records.append(_decode(raw))
+                if len(records) >= limit:
+                    break
+        return records
 
     async def find(self, token: str) -> SessionRecord | None:
         with _unavailable():
