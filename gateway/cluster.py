@@ -62,6 +62,7 @@ class Cluster:
         self.prefix = prefix
         self.rate, self.burst = rate, burst  # client messages per session (gateway/ratelimit.py)
         self._send = client.register_script(SEND)
+        self._given: dict[str, tuple[float | None, int]] = {}  # host -> (its beat, sessions given since)
 
     def key(self, kind: str, name: str = "") -> str:
         return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
@@ -135,12 +136,22 @@ class Cluster:
         return live, [i for i in ids if i not in live]
 
     async def pick_host(self) -> str:
-        """The live host with the most free kernel places (a draining host has none)."""
+        """The live host with the most free kernel places (a draining host has none),
+        less the sessions this node gave it since its last heartbeat: a heartbeat is up
+        to a second old, and a burst of new sessions would otherwise all go to one host."""
         live, _ = await self.hosts()
         open_hosts = {i: r for i, r in live.items() if not r.get("draining")}
         if not open_hosts:
             raise CellgateError("capacity_node", "no kernel host is taking new kernels")
-        return max(open_hosts, key=lambda i: (open_hosts[i].get("free", 0), i))
+
+        def given(i: str) -> int:
+            beat, count = self._given.get(i, (None, 0))
+            return count if beat == open_hosts[i].get("at") else 0
+
+        host = max(open_hosts, key=lambda i: (open_hosts[i].get("free", 0) - given(i), i))
+        self._given = {i: self._given[i] for i in open_hosts if i in self._given}  # forget dead hosts
+        self._given[host] = (open_hosts[host].get("at"), given(host) + 1)
+        return host
 
     # -- sessions and their messages --------------------------------------------------------
 

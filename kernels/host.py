@@ -39,6 +39,7 @@ from gateway.config import PROTOCOL, Config, parse
 from gateway.errors import CellgateError
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
+from gateway.registry.base import RegistryUnavailable
 from gateway.registry.redis import RedisRegistry
 from gateway.session import Session
 from gateway.sessions import SessionManager
@@ -198,13 +199,26 @@ class KernelHost:
     async def _work(self, session_id: str) -> None:
         inbox = self._inboxes[session_id]
         try:
-            session = await self._session(session_id)
+            session = await self._session_once_reachable(session_id)
             while session is not None and not session.ended:
                 channel, msg = await inbox.get()
                 await self._handle(session, channel, msg)
         finally:
             self._inboxes.pop(session_id, None)
             self._workers.pop(session_id, None)
+
+    async def _session_once_reachable(self, session_id: str) -> Session | None:
+        """The session, waiting out a registry that cannot be reached (a Redis restart):
+        its messages wait in its inbox meanwhile, and none is dropped."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._session(session_id)
+            except RegistryUnavailable as exc:
+                if delay == 0.1:
+                    log.warning("kernel host %s: session %s waits for the registry: %s", self.id, session_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     async def _session(self, session_id: str) -> Session | None:
         session = self.manager.sessions.get(session_id)

@@ -361,3 +361,28 @@ async def metrics_text(nodes: list[Process]) -> str:
             async with http.get(n.url + "/metrics") as r:
                 texts.append(await r.text())
     return "\n".join(texts)
+
+
+async def test_a_burst_of_sessions_spreads_over_the_kernel_hosts(
+    setup: tuple[Cluster, HAProxy, list[Process]],
+) -> None:
+    """Heartbeats are up to a second old: sessions opened within one still go where
+    the free places are, not all to the host that had the most at its last beat."""
+    _, proxy, nodes = setup
+    reports = (await admin(proxy, "GET", "/admin/nodes"))["hosts"]
+    free = {h: r["free"] for h, r in reports.items()}  # type: ignore[union-attr]
+    first, second = sorted(free)
+    # Enough sessions to fill the gap between the hosts, and six more to share.
+    cs = [Client(nodes[0].url) for _ in range(abs(free[first] - free[second]) + 6)]
+    try:
+        await asyncio.gather(*(c.connect() for c in cs))
+        sessions = (await admin(proxy, "GET", "/admin/sessions"))["sessions"]
+        mine = {c.info["session"] for c in cs}
+        hosts = [s["host"] for s in sessions if s["id"] in mine]  # type: ignore[union-attr]
+        assert len(hosts) == len(cs)
+        left = {h: free[h] - hosts.count(h) for h in free}
+        assert min(hosts.count(h) for h in free) >= 2, (free, hosts)
+        assert abs(left[first] - left[second]) <= 2, (free, hosts)
+    finally:
+        for c in cs:
+            await c.close()
