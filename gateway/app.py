@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from gateway import admin, balancer
+from gateway import admin, balancer, jupyter
 from gateway.config import Config, MiB
 from gateway.metrics import Metrics
 from gateway.registry import create_registry
@@ -88,6 +88,7 @@ def create_app(config: Config, pool: KernelPool | None = None) -> web.Applicatio
     app["sio"] = sio
     add_routes(app)
     admin.add_routes(app)
+    jupyter.add_routes(app, config)
     retention = Retention(config, manager.store)
 
     async def close_connections() -> None:

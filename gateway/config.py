@@ -109,6 +109,27 @@ class Config:
     metrics_origins: int = _setting(
         50, "distinct embedding origins counted by name in metrics; later ones count as 'other'"
     )
+    jupyter_api_tokens: str = _setting(
+        "",
+        "comma-separated tokens of Jupyter's kernels API (/api/kernels); belongs in CELLGATE_JUPYTER_API_TOKENS",
+    )
+    jupyter_api_tokens_file: str = _setting("", "file of Jupyter API tokens, one per line (# starts a comment)")
+    jupyter_api_anonymous: bool = _setting(
+        False, "serve Jupyter's kernels API without a token too, under the per-address limits (Thebe-style pages)"
+    )
+    jupyter_api_base_url: str = _setting("", "path the Jupyter API lives under: <base>/api/kernels (default: /api)")
+    jupyter_api_cors_origins: str = _setting("", "comma-separated origins allowed to call the Jupyter API, or *")
+    jupyter_api_kernels_per_token: int = _setting(10, "live kernels per Jupyter API token (capacity_client above)")
+    jupyter_api_cull_idle_timeout: float = _setting(
+        3600.0, "seconds a Jupyter API kernel lives without a message from a client, connected or not"
+    )
+    jupyter_api_lifespan: float = _setting(43200.0, "hard limit on a Jupyter API kernel's life in seconds")
+    jupyter_api_open_channels: bool = _setting(
+        False,
+        "let a kernel's channels WebSocket open with the kernel id alone (122 random bits), without a token: "
+        "jupyter_server's GatewayKernelClient, which nbclient uses, sends none",
+    )
+    jupyter_api_debug: bool = _setting(False, "let Jupyter API clients send debug_request (refused by default)")
     admin_token: str = _setting(
         "", "token of the admin API (/admin/...; off when empty); belongs in CELLGATE_ADMIN_TOKEN, not argv"
     )
@@ -125,6 +146,25 @@ class Config:
     def cors(self) -> str | list[str]:
         origins = _split(self.cors_origins)
         return "*" if origins == ["*"] else origins
+
+    @property
+    def jupyter_api(self) -> bool:
+        return bool(self.jupyter_api_tokens or self.jupyter_api_tokens_file or self.jupyter_api_anonymous)
+
+    @property
+    def longest_life(self) -> float:
+        """The longest a session may live, its grace included (Jupyter API kernels live longer)."""
+        embed = self.lifespan + self.resume_grace
+        return max(embed, self.jupyter_api_lifespan + self.jupyter_api_cull_idle_timeout) if self.jupyter_api else embed
+
+    @property
+    def jupyter_cors(self) -> str | list[str]:
+        origins = _split(self.jupyter_api_cors_origins)
+        return "*" if origins == ["*"] else origins
+
+    @property
+    def jupyter_api_base(self) -> str:
+        return "/" + self.jupyter_api_base_url.strip("/") if self.jupyter_api_base_url.strip("/") else ""
 
     @property
     def proxies(self) -> list[str]:
@@ -206,6 +246,11 @@ def parse(
             "cellgate: a Redis URL with a password belongs in CELLGATE_REDIS, not on the command line, "
             "which any local user can read in /proc"
         )
+    if args.jupyter_api_tokens != environ.get(env_name("jupyter_api_tokens"), ""):
+        raise SystemExit(
+            "cellgate: Jupyter API tokens belong in CELLGATE_JUPYTER_API_TOKENS or --jupyter-api-tokens-file, "
+            "not on the command line, which any local user can read in /proc"
+        )
     if args.admin_token != environ.get(env_name("admin_token"), ""):
         raise SystemExit(
             "cellgate: the admin token belongs in CELLGATE_ADMIN_TOKEN, not on the command line, "
@@ -257,6 +302,10 @@ def validate(config: Config) -> None:
         problems.append("--log-format must be text or json")
     if config.drain_grace < 0 or config.drain_timeout < 0:
         problems.append("--drain-grace and --drain-timeout must not be negative")
+    if config.jupyter_api_tokens_file and not os.path.isfile(config.jupyter_api_tokens_file):
+        problems.append("--jupyter-api-tokens-file names no file")
+    if config.jupyter_api_cull_idle_timeout <= 0 or config.jupyter_api_lifespan <= 0:
+        problems.append("--jupyter-api-cull-idle-timeout and --jupyter-api-lifespan must be positive")
     if config.admin_token and len(config.admin_token) < 16:
         problems.append("CELLGATE_ADMIN_TOKEN must be at least 16 characters")
     if config.isolation not in ("auto", "required", "off"):

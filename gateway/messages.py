@@ -28,8 +28,9 @@ ALLOWED: dict[str, frozenset[str]] = {
 FILENAME_MAX = 255
 
 
-def validate(channel: str, data: Any, limit: int, session: str) -> dict[str, Any]:
-    """A complete Jupyter message dict built from client data, or CellgateError."""
+def validate(channel: str, data: Any, limit: int, session: str, extra: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A complete Jupyter message dict built from client data, or CellgateError.
+    `extra` names message types allowed on top of ALLOWED (Jupyter API clients')."""
     if channel not in ALLOWED:
         raise CellgateError("bad_channel", f"no channel {channel!r}")
     if not isinstance(data, dict):
@@ -42,7 +43,7 @@ def validate(channel: str, data: Any, limit: int, session: str) -> dict[str, Any
         raise CellgateError("bad_message", "header.msg_id must be a non-empty string")
     if not isinstance(msg_type, str) or not msg_type:
         raise CellgateError("bad_message", "header.msg_type must be a non-empty string", msg_id=msg_id)
-    if msg_type not in ALLOWED[channel]:
+    if msg_type not in ALLOWED[channel] and msg_type not in extra:
         home = next((c for c, types in ALLOWED.items() if msg_type in types), None)
         if home:
             raise CellgateError("bad_channel", f"{msg_type} goes on the {home} channel", msg_id=msg_id)

@@ -194,14 +194,20 @@ class RemoteSessionManager(KeepsBlobs):
         self._loops = [asyncio.create_task(self._beat()), asyncio.create_task(self._watch_hosts())]
 
     async def open(
-        self, client: str, kernel_name: str | None = None, logged: bool = True, origin: str = ""
+        self,
+        client: str,
+        kernel_name: str | None = None,
+        logged: bool = True,
+        origin: str = "",
+        kind: str = "",
+        limit: int | None = None,
     ) -> tuple[Any, str]:
         """A session on the live host with the most free places, and its resume token."""
         try:
             host = await self.cluster.pick_host()
         except (RedisError, OSError):
             raise unreachable() from None
-        record, token = await register(self.config, self.registry, client, kernel_name, host, origin)
+        record, token = await register(self.config, self.registry, client, kernel_name, host, origin, kind, limit)
         self.metrics.sessions_opened.labels(self.metrics.origins.label(origin)).inc()
         try:
             await self.cluster.assign(record.id, host)

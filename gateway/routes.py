@@ -51,18 +51,22 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 def cors(config: Config) -> Callable[..., Any]:
-    """Open CORS on the HTTP API too, since the embed lives on other sites."""
-    origins = config.cors
+    """Open CORS on the HTTP API too, since the embed lives on other sites. Jupyter's
+    kernels API has origins of its own (--jupyter-api-cors-origins), none by default."""
+    jupyter_api = config.jupyter_api_base + "/api"
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/socket.io"):
             return await handler(request)  # engine.io does its own CORS
+        jupyter = config.jupyter_api and (request.path == jupyter_api or request.path.startswith(jupyter_api + "/"))
+        origins = config.jupyter_cors if jupyter else config.cors
         origin = request.headers.get("Origin")
         allowed = origin and (origins == "*" or origin in origins)
         if request.method == "OPTIONS" and allowed:
             response: web.StreamResponse = web.Response(status=204)
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            methods = "GET, POST, DELETE, OPTIONS" if jupyter else "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = methods
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Max-Age"] = "600"
         else:

@@ -620,15 +620,20 @@ class Session:
 
     async def _watch(self) -> None:
         c = self.config
-        tick = max(0.05, min(1.0, c.resume_grace / 4, c.idle_timeout / 4, c.lifespan / 4, c.execution_timeout / 4))
+        if self.record.kind == "jupyter":  # Jupyter's habits: long-lived, culled when idle
+            lifespan, idle = c.jupyter_api_lifespan, c.jupyter_api_cull_idle_timeout
+            grace = idle
+        else:
+            lifespan, idle, grace = c.lifespan, c.idle_timeout, c.resume_grace
+        tick = max(0.05, min(1.0, grace / 4, idle / 4, lifespan / 4, c.execution_timeout / 4))
         while not self.ended:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if now - self.created > c.lifespan:
+            if now - self.created > lifespan:
                 await self.end("timed_out", "lifespan")
-            elif not self._queue and now - self.last_activity > c.idle_timeout:
+            elif not self._queue and now - self.last_activity > idle:
                 await self.end("timed_out", "idle")
-            elif (away := await self.manager.client_away(self)) is not None and away > c.resume_grace:
+            elif (away := await self.manager.client_away(self)) is not None and away > grace:
                 await self.end("timed_out", "disconnected")
             else:
                 self._check_spinning(now)

@@ -48,9 +48,12 @@ async def register(
     kernel_name: str | None,
     host: str = "",
     origin: str = "",
+    kind: str = "",
+    limit: int | None = None,
 ) -> tuple[SessionRecord, str]:
-    """A new session's record, in the registry under the per-address limit, and its
-    resume token (the only time the token is seen)."""
+    """A new session's record, in the registry under the per-client limit (the
+    per-address one unless `limit` says otherwise), and its resume token (the only
+    time the token is seen)."""
     name = kernel_name or config.default_kernel
     if not isinstance(name, str) or name not in config.allowed_kernels:
         raise CellgateError("no_kernel", f"no kernel named {name!r}; this node offers {config.kernels}")
@@ -64,15 +67,16 @@ async def register(
         created=time.time(),
         host=host,
         origin=origin[:256],
+        kind=kind,
     )
+    limit = config.sessions_per_client if limit is None else limit
     try:
-        created = await registry.create(record, per_client=config.sessions_per_client)
+        created = await registry.create(record, per_client=limit)
     except RegistryUnavailable:
         raise unreachable() from None
     if not created:
-        raise CellgateError(
-            "capacity_client", f"{config.sessions_per_client} sessions are already open from your address"
-        )
+        who = "for this token" if client.startswith("token:") else "from your address"
+        raise CellgateError("capacity_client", f"{limit} sessions are already open {who}")
     return record, token
 
 
@@ -152,10 +156,18 @@ class SessionManager(KeepsBlobs):
             session.publish("error", {"code": "store_failed", "message": message, "msg_id": msg_id})
 
     async def open(
-        self, client: str, kernel_name: str | None = None, logged: bool = True, origin: str = ""
+        self,
+        client: str,
+        kernel_name: str | None = None,
+        logged: bool = True,
+        origin: str = "",
+        kind: str = "",
+        limit: int | None = None,
     ) -> tuple[Session, str]:
         """A new session and its resume token (the only time the token is seen)."""
-        record, token = await register(self.config, self.registry, client, kernel_name, origin=origin)
+        record, token = await register(
+            self.config, self.registry, client, kernel_name, origin=origin, kind=kind, limit=limit
+        )
         self.metrics.sessions_opened.labels(self.metrics.origins.label(origin)).inc()
         session = Session(self, record, logged=logged)
         self.sessions[record.id] = session

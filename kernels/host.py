@@ -234,8 +234,8 @@ class KernelHost:
         try:
             if channel == "open":
                 return
-            if channel == "end":  # the admin API
-                await session.end("shutdown", "admin")
+            if channel == "end":  # the admin API, or a Jupyter API client's DELETE
+                await session.end("shutdown", "requested" if msg.get("reason") == "requested" else "admin")
             elif channel == "upload":
                 await session.upload(msg["name"], msg["data"])
             else:

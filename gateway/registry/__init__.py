@@ -23,6 +23,6 @@ def create_registry(config: Config) -> SessionRegistry:
             replay_limit=config.replay_limit,
             replay_bytes=config.replay_bytes,
             # Past its hard lifespan and grace nothing of a session is needed.
-            ttl=config.lifespan + config.resume_grace + 300,
+            ttl=config.longest_life + 300,
         )
     return MemoryRegistry(replay_limit=config.replay_limit, replay_bytes=config.replay_bytes)

@@ -35,6 +35,7 @@ class SessionRecord:
     kernel_id: str | None = None
     host: str = ""  # the kernel host that owns its kernel and its life ("": this node)
     origin: str = ""  # the Origin of the page that opened it, as its client said (for operators)
+    kind: str = ""  # "jupyter": opened through Jupyter's kernels API, with its own time limits
 
 
 @dataclass
@@ -84,6 +85,18 @@ class SessionRegistry(ABC):
     @abstractmethod
     async def list(self, limit: int) -> list[SessionRecord]:
         """Up to `limit` live sessions, in no particular order (for operators)."""
+
+    @abstractmethod
+    async def list_client(self, client: str) -> list[SessionRecord]:
+        """The live sessions of one client (an address, or a Jupyter API token's owner)."""
+
+    @abstractmethod
+    async def note(self, session_id: str, name: str, value: str) -> None:
+        """Keep a small string with a live session (nothing if it has ended)."""
+
+    @abstractmethod
+    async def notes(self, session_id: str) -> dict[str, str]:
+        """What `note` kept for a session."""
 
     @abstractmethod
     async def find(self, token: str) -> SessionRecord | None:

@@ -22,6 +22,7 @@ class MemoryRegistry(SessionRegistry):
         self._last: dict[str, int] = {}
         self._clients: Counter[str] = Counter()
         self._sinks: dict[str, tuple[str, float | None]] = {}
+        self._notes: dict[str, dict[str, str]] = {}
 
     async def create(self, record: SessionRecord, per_client: int | None = None) -> bool:
         # No await between the count and the add: atomic within the event loop.
@@ -42,6 +43,16 @@ class MemoryRegistry(SessionRegistry):
     async def list(self, limit: int) -> list[SessionRecord]:
         return [dataclasses.replace(r) for r in itertools.islice(self._records.values(), limit)]
 
+    async def list_client(self, client: str) -> list[SessionRecord]:
+        return [dataclasses.replace(r) for r in self._records.values() if r.client == client]
+
+    async def note(self, session_id: str, name: str, value: str) -> None:
+        if session_id in self._records:
+            self._notes.setdefault(session_id, {})[name] = value
+
+    async def notes(self, session_id: str) -> dict[str, str]:
+        return dict(self._notes.get(session_id, {}))
+
     async def find(self, token: str) -> SessionRecord | None:
         session_id = self._by_token.get(token_digest(token))
         return await self.get(session_id) if session_id else None
@@ -59,6 +70,7 @@ class MemoryRegistry(SessionRegistry):
         self._last.pop(session_id, None)
         self._bytes.pop(session_id, None)
         self._sinks.pop(session_id, None)
+        self._notes.pop(session_id, None)
         self._clients[record.client] -= 1
         if self._clients[record.client] <= 0:
             del self._clients[record.client]

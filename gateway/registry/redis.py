@@ -3,7 +3,8 @@
 Keys, under `--redis-prefix` (default `cellgate`):
 
     <p>:s:<id>        HASH    the session record, plus `last` (newest seq), and the log's
-                              `held` entries and their `bytes`
+                              `held` entries and their `bytes`; `n:<name>` fields are
+                              notes (where a Jupyter API client's replay resumes)
     <p>:t:<digest>    STRING  resume token digest -> session id
     <p>:c:<client>    SET     live session ids per client address (the per-address limit)
     <p>:l:<id>        STREAM  the replay log: entry id `<seq>-0`, fields e (event),
@@ -111,6 +112,13 @@ return first
 FIELDS = [f.name for f in dataclasses.fields(SessionRecord)]
 
 
+NOTE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 def connect(url: str, ca_file: str = "") -> redis.Redis:
     """A client for `url` (redis:// or rediss://, with an ACL user and password in it if
     needed); `ca_file` is the CA that signed a rediss:// server's certificate."""
@@ -142,6 +150,7 @@ def _decode(raw: dict[bytes, bytes]) -> SessionRecord:
         kernel_id=values["kernel_id"] or None,
         host=values.get("host", ""),
         origin=values.get("origin", ""),
+        kind=values.get("kind", ""),
     )
 
 
@@ -167,6 +176,7 @@ class RedisRegistry(SessionRegistry):
         self._append = client.register_script(APPEND)
         self._attach = client.register_script(ATTACH)
         self._detach = client.register_script(DETACH)
+        self._note = client.register_script(NOTE)
 
     async def open(self) -> None:
         try:
@@ -219,6 +229,24 @@ class RedisRegistry(SessionRegistry):
                 if len(records) >= limit:
                     break
         return records
+
+    async def list_client(self, client: str) -> list[SessionRecord]:
+        with _unavailable():
+            ids = await self.redis.smembers(self._key("c", client))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id in sorted(ids):
+                    pipe.hgetall(self._key("s", session_id.decode()))
+                raws = await pipe.execute()
+        return [_decode(raw) for raw in raws if raw and b"id" in raw]
+
+    async def note(self, session_id: str, name: str, value: str) -> None:
+        with _unavailable():
+            await self._note(keys=[self._key("s", session_id)], args=["n:" + name, value])
+
+    async def notes(self, session_id: str) -> dict[str, str]:
+        with _unavailable():
+            raw = await self.redis.hgetall(self._key("s", session_id))
+        return {k.decode()[2:]: v.decode() for k, v in raw.items() if k.startswith(b"n:")}
 
     async def find(self, token: str) -> SessionRecord | None:
         with _unavailable():
