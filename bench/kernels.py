@@ -131,6 +131,44 @@ def start_jkg(port: int) -> subprocess.Popen[bytes]:
     )
 
 
+async def wait_api(http: aiohttp.ClientSession, base: str, headers: dict[str, str] | None = None) -> None:
+    for _ in range(300):
+        try:
+            async with http.get(base + "/api", headers=headers) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"no Jupyter API at {base}")
+
+
+async def api_first_result(http: aiohttp.ClientSession, base: str, headers: dict[str, str] | None = None) -> float:
+    """Milliseconds from POST /api/kernels to the first `1+1` result on its channels
+    WebSocket, as a Jupyter client does it; the kernel is deleted afterwards."""
+    began = time.perf_counter()
+    async with http.post(base + "/api/kernels", json={"name": "python3"}, headers=headers) as r:
+        kernel_id = (await r.json())["id"]
+    async with http.ws_connect(f"{base}/api/kernels/{kernel_id}/channels", headers=headers) as ws:
+        msg_id = uuid.uuid4().hex
+        request = {
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": "b", "username": "b"},
+            "parent_header": {},
+            "metadata": {},
+            "content": {"code": "1+1", "silent": False},
+            "channel": "shell",
+        }
+        await ws.send_str(json.dumps(request))
+        async for frame in ws:
+            msg = json.loads(frame.data)
+            if msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "execute_result":
+                break
+    elapsed = (time.perf_counter() - began) * 1000
+    async with http.delete(f"{base}/api/kernels/{kernel_id}", headers=headers):
+        pass
+    return elapsed
+
+
 async def jkg(rounds: int) -> list[float]:
     port = free_port()
     proc = start_jkg(port)
@@ -138,36 +176,10 @@ async def jkg(rounds: int) -> list[float]:
     out = []
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(base + "/api") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_api(http, base)
             for _ in range(rounds):
                 await asyncio.sleep(0.3)
-                began = time.perf_counter()
-                async with http.post(base + "/api/kernels", json={"name": "python3"}) as r:
-                    kernel_id = (await r.json())["id"]
-                async with http.ws_connect(f"{base}/api/kernels/{kernel_id}/channels") as ws:
-                    msg_id = uuid.uuid4().hex
-                    request = {
-                        "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": "b", "username": "b"},
-                        "parent_header": {},
-                        "metadata": {},
-                        "content": {"code": "1+1", "silent": False},
-                        "channel": "shell",
-                    }
-                    await ws.send_str(json.dumps(request))
-                    async for frame in ws:
-                        msg = json.loads(frame.data)
-                        if msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "execute_result":
-                            break
-                out.append((time.perf_counter() - began) * 1000)
-                async with http.delete(f"{base}/api/kernels/{kernel_id}"):
-                    pass
+                out.append(await api_first_result(http, base))
     finally:
         proc.terminate()
         proc.wait(10)

@@ -45,6 +45,7 @@ async def list_sessions(request: web.Request) -> web.Response:
             "host": record.host or None,
             "client": record.client,
             "origin": record.origin or None,
+            "kind": record.kind or "embed",
             "age": round(now - record.created, 1),
         }
         local = manager.sessions.get(record.id)
