@@ -360,9 +360,9 @@ class Sink:
         self.metrics = metrics
         self.sid = "jws-" + uuid.uuid4().hex[:16]
         self.epoch: str | None = None
-        self.last_seq = 0
+        self.last_seq = 0  # the newest seq written to the socket: a reconnect replays after it
         self.waiting = 0
-        self._queue: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str | bytes, int] | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write())
 
     async def send(self, event: str, data: dict[str, Any]) -> None:
@@ -370,12 +370,11 @@ class Sink:
             self.epoch = data.get("epoch")
             return
         seq = data.get("seq")
-        if isinstance(seq, int) and seq > self.last_seq:
-            self.last_seq = seq
+        seq = seq if isinstance(seq, int) else 0
         for msg, channel in translate(event, data):
-            self._put(_frame(msg, channel, self.v1))
+            self.put(_frame(msg, channel, self.v1), seq)
 
-    def _put(self, frame: str | bytes) -> None:
+    def put(self, frame: str | bytes, seq: int = 0) -> None:
         if self.waiting < 0:
             return  # dropped as too slow
         self.waiting += len(frame)
@@ -384,15 +383,19 @@ class Sink:
             self.metrics.slow_clients.inc()
             self._queue.put_nowait(None)
             return
-        self._queue.put_nowait(frame)
+        self._queue.put_nowait((frame, seq))
 
     async def _write(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            while (frame := await self._queue.get()) is not None:
+            while (item := await self._queue.get()) is not None:
+                frame, seq = item
+                if self.ws.closed:
+                    break
                 if isinstance(frame, str):
                     await self.ws.send_str(frame)
                 else:
                     await self.ws.send_bytes(frame)
+                self.last_seq = max(self.last_seq, seq)
                 if self.waiting >= 0:
                     self.waiting -= len(frame)
         await self.ws.close()
@@ -486,7 +489,7 @@ async def channels(request: web.Request) -> web.StreamResponse:
             except CellgateError as exc:
                 manager.metrics.errors.labels(exc.code).inc()
                 reply, on = refusal(channel if isinstance(channel, str) else "shell", msg, exc)
-                sink._put(_frame(reply, on, v1))
+                sink.put(_frame(reply, on, v1))
                 continue
             if msg["header"]["msg_type"] == "execute_request":
                 manager.metrics.executions.labels(label).inc()

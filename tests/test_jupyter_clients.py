@@ -28,6 +28,7 @@ import pytest
 from tests.cluster import Cluster
 from tests.redisserver import RedisServer, redis_server
 from tests.s3server import free_port
+from tests.test_jupyter_api import channels
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "jupyter-clients-token"
@@ -260,3 +261,25 @@ async def test_jupyterlab_services_kernel_manager_from_node(target: Target) -> N
     assert seen["status"] == "ok" and seen["id"] in seen["listed"]
     assert seen["display"]["text/html"] == "<b>from Cellgate</b>"
     assert seen["result"]["text/plain"] == "42"
+
+
+async def test_a_reconnect_through_the_other_node_misses_nothing(two_nodes: Target) -> None:
+    """Channels opened through one node, dropped mid-run, reopened through the other
+    with the same session_id: every line once."""
+    client_session = uuid.uuid4().hex
+    headers = {"Authorization": f"token {TOKEN}"}
+    a, b = two_nodes.http, two_nodes.ws.replace("ws", "http", 1)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(a + "/api/kernels", headers=headers) as r:
+            kernel = (await r.json())["id"]
+        async for ch in channels(http, b, kernel, session_id=client_session, token=TOKEN):
+            code = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.1)\n"
+            run = await ch.send("shell", "execute_request", {"code": code, "silent": False})
+            await ch.until(run, "stream")
+            before = ch.stream(run)
+        async for ch in channels(http, a, kernel, session_id=client_session, token=TOKEN):
+            await ch.until(run, "execute_reply")
+            after = ch.stream(run)
+        assert (before + after).split() == [str(i) for i in range(20)]
+        async with http.delete(f"{a}/api/kernels/{kernel}", headers=headers) as r:
+            assert r.status == 204
