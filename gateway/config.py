@@ -152,12 +152,6 @@ class Config:
         return bool(self.jupyter_api_tokens or self.jupyter_api_tokens_file or self.jupyter_api_anonymous)
 
     @property
-    def longest_life(self) -> float:
-        """The longest a session may live, its grace included (Jupyter API kernels live longer)."""
-        embed = self.lifespan + self.resume_grace
-        return max(embed, self.jupyter_api_lifespan + self.jupyter_api_cull_idle_timeout) if self.jupyter_api else embed
-
-    @property
     def jupyter_cors(self) -> str | list[str]:
         origins = _split(self.jupyter_api_cors_origins)
         return "*" if origins == ["*"] else origins

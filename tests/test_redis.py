@@ -11,10 +11,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis as redis_client
 import trustme
 
 from gateway.client import Client, Refused
+from gateway.config import Config
+from gateway.registry import create_registry
 from gateway.registry.base import RegistryUnavailable
+from gateway.sessions import register
 from tests.conftest import GatewayFactory
 from tests.redisserver import RedisServer, redis_server
 
@@ -204,3 +208,22 @@ async def test_a_redis_restart_mid_run_never_leaves_a_silent_hole(
             await back.shutdown()
             await back.drop()
         assert await gw.wait_sessions(0) == 0  # ended while its Redis is still there
+
+
+async def test_jupyter_api_kernels_keep_their_keys_as_long_as_they_may_live(redis: RedisServer) -> None:
+    """A Jupyter API kernel may live 12 h: its record and its log must not expire after
+    the embed's 35 minutes (on a node, or on a kernel host that writes its log)."""
+    prefix = "ttl-" + secrets.token_hex(4)
+    config = Config(redis=redis.url, redis_prefix=prefix)
+    registry = create_registry(config)
+    raw = redis_client.Redis.from_url(redis.url)
+    try:
+        for kind, at_least in (("", config.lifespan), ("jupyter", config.jupyter_api_lifespan)):
+            record, _ = await register(config, registry, "127.0.0.1", None, kind=kind)
+            await registry.append(record.id, [("iopub", {"x": 1}, 10)], after=0)
+            for key in (f"{prefix}:s:{record.id}", f"{prefix}:l:{record.id}"):
+                ttl = raw.ttl(key)
+                assert at_least < ttl <= at_least + config.jupyter_api_cull_idle_timeout + 300, (kind, key, ttl)
+    finally:
+        raw.close()
+        await registry.close()

@@ -23,6 +23,8 @@ def create_registry(config: Config) -> SessionRegistry:
             replay_limit=config.replay_limit,
             replay_bytes=config.replay_bytes,
             # Past its hard lifespan and grace nothing of a session is needed.
-            ttl=config.longest_life + 300,
+            ttl=config.lifespan + config.resume_grace + 300,
+            # Jupyter API kernels live longer, by their own settings.
+            ttls={"jupyter": config.jupyter_api_lifespan + config.jupyter_api_cull_idle_timeout + 300},
         )
     return MemoryRegistry(replay_limit=config.replay_limit, replay_bytes=config.replay_bytes)

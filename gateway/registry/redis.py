@@ -96,7 +96,10 @@ for i = 5, #ARGV, 3 do
   redis.call('XADD', KEYS[2], last .. '-0', 'e', ARGV[i], 'd', ARGV[i + 1], 'n', ARGV[i + 2])
   bytes = bytes + tonumber(ARGV[i + 2])
 end
-if held == 0 then redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3])) end  -- a new stream
+if held == 0 then  -- a new stream: it expires with its session's record
+  local ttl = redis.call('TTL', KEYS[1])
+  redis.call('EXPIRE', KEYS[2], ttl > 0 and ttl or tonumber(ARGV[3]))
+end
 held = held + (#ARGV - 4) / 3
 -- Trim the oldest, but always keep the newest entry.
 while held > 1 and (held > limit or bytes > budget) do
@@ -164,12 +167,14 @@ class RedisRegistry(SessionRegistry):
         replay_limit: int = 10000,
         replay_bytes: int = 16 * 1024 * 1024,
         ttl: float = 3600.0,
+        ttls: dict[str, float] | None = None,
     ) -> None:
         self.redis = client
         self.prefix = prefix
         self.replay_limit = replay_limit
         self.replay_bytes = replay_bytes
         self.ttl = int(ttl)  # seconds a session's keys outlive it at most
+        self.ttls = {kind: int(t) for kind, t in (ttls or {}).items()}  # by SessionRecord.kind, where longer
         self._create = client.register_script(CREATE)
         self._update = client.register_script(UPDATE)
         self._delete = client.register_script(DELETE)
@@ -210,7 +215,8 @@ class RedisRegistry(SessionRegistry):
             keys = [self._key(kind, name) for kind, name in (("s", record.id), ("t", record.token_digest))]
             keys += [self._key("c", record.client), self._key("l", record.id)]
             limit = -1 if per_client is None else per_client
-            args = [self.prefix, limit, record.id, self.ttl, last, *_encode(record)]
+            ttl = self.ttls.get(record.kind, self.ttl)
+            args = [self.prefix, limit, record.id, ttl, last, *_encode(record)]
             return bool(await self._create(keys=keys, args=args))
 
     async def get(self, session_id: str) -> SessionRecord | None:
