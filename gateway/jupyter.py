@@ -167,7 +167,7 @@ async def api(request: web.Request) -> web.Response:
     return web.json_response({"version": "2.0.0", "server": "cellgate"})
 
 
-def _spec(config: Config, name: str) -> dict[str, Any]:
+def _spec(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "spec": {
@@ -185,7 +185,7 @@ def _spec(config: Config, name: str) -> dict[str, Any]:
 async def kernelspecs(request: web.Request) -> web.Response:
     owner(request)
     config: Config = request.app["config"]
-    specs = {name: _spec(config, name) for name in config.allowed_kernels}
+    specs = {name: _spec(name) for name in config.allowed_kernels}
     return web.json_response({"default": config.default_kernel, "kernelspecs": specs})
 
 
@@ -195,7 +195,7 @@ async def kernelspec(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in config.allowed_kernels:
         raise CellgateError("not_found", f"Kernel spec {name} not found")
-    return web.json_response(_spec(config, name))
+    return web.json_response(_spec(name))
 
 
 async def list_kernels(request: web.Request) -> web.Response:
