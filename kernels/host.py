@@ -144,7 +144,10 @@ class KernelHost:
 
     def report(self) -> dict[str, Any]:
         counts = self.pool.counts()
-        free = max(0, self.pool.max_kernels - counts["attached"] - counts["starting"])
+        # A session takes its kernel at its first message: one without a kernel yet has
+        # a place promised all the same.
+        promised = max(counts["attached"] + counts["starting"], len(self.manager.sessions))
+        free = max(0, self.pool.max_kernels - promised)
         return {
             "free": 0 if self.draining else free,
             "draining": self.draining,
