@@ -48,20 +48,7 @@ async def list_sessions(request: web.Request) -> web.Response:
             "kind": record.kind or "embed",
             "age": round(now - record.created, 1),
         }
-        local = manager.sessions.get(record.id)
-        if isinstance(manager, RemoteSessionManager) or record.host:
-            sink, since = await manager.registry.attachment(record.id)
-            entry["node"] = sink.split(" ", 1)[0] or None
-            entry["state"] = "connected" if sink else "disconnected"
-            entry["away"] = None if sink or since is None else round(now - since, 1)
-        elif local is not None:
-            entry["node"] = manager.node_id
-            entry["state"] = "connected" if local.sink is not None else "disconnected"
-            away = local.disconnected_at
-            entry["away"] = None if away is None else round(time.monotonic() - away, 1)
-        else:  # another node's own kernel, on a shared registry without kernel hosts
-            entry.update(node=None, state="elsewhere", away=None)
-        out.append(entry)
+        out.append({**entry, **await manager.client_state(record)})
     return web.json_response({"sessions": out, "truncated": len(out) >= limit})
 
 
@@ -72,14 +59,9 @@ async def end_session(request: web.Request) -> web.Response:
     record = await manager.registry.get(session_id)
     if record is None:
         raise CellgateError("not_found", "no live session with this id")
-    if isinstance(manager, RemoteSessionManager):
-        if not await manager.cluster.send(session_id, "end", {}, counted=False):
-            raise CellgateError("not_found", "no live session with this id")
-    else:
-        session = manager.sessions.get(session_id)
-        if session is None:
-            raise CellgateError("not_found", "this session's kernel is on another node: ask that node")
-        await session.end("shutdown", "admin")
+    if not await manager.end_session(session_id, "admin"):
+        where = "" if isinstance(manager, RemoteSessionManager) else " here (its kernel may be on another node)"
+        raise CellgateError("not_found", f"no live session with this id{where}")
     return web.json_response({"ended": session_id}, status=202)
 
 

@@ -144,8 +144,7 @@ class Config:
 
     @property
     def cors(self) -> str | list[str]:
-        origins = _split(self.cors_origins)
-        return "*" if origins == ["*"] else origins
+        return _origins(self.cors_origins)
 
     @property
     def jupyter_api(self) -> bool:
@@ -153,8 +152,7 @@ class Config:
 
     @property
     def jupyter_cors(self) -> str | list[str]:
-        origins = _split(self.jupyter_api_cors_origins)
-        return "*" if origins == ["*"] else origins
+        return _origins(self.jupyter_api_cors_origins)
 
     @property
     def jupyter_api_base(self) -> str:
@@ -182,6 +180,11 @@ class Config:
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _origins(value: str) -> str | list[str]:
+    origins = _split(value)
+    return "*" if origins == ["*"] else origins
 
 
 def env_name(name: str) -> str:

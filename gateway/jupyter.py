@@ -128,6 +128,11 @@ def message(msg_type: str, content: dict[str, Any], parent: dict[str, Any] | Non
     return {"header": header, "parent_header": parent or {}, "metadata": {}, "content": content, "buffers": []}
 
 
+async def ask(session: Any, channel: str, msg_type: str, content: dict[str, Any]) -> None:
+    """A request of the server's own making, through the same validation as a client's."""
+    await session.to_kernel(channel, validate(channel, message(msg_type, content), 1 << 16, session.id))
+
+
 # -- REST ------------------------------------------------------------------------------
 
 
@@ -136,16 +141,13 @@ def _iso(t: float) -> str:
 
 
 async def model(manager: Any, record: SessionRecord) -> dict[str, Any]:
-    sink, _ = await manager.registry.attachment(record.id) if record.host else ("", None)
-    if not record.host:  # this node's own session
-        local = manager.sessions.get(record.id)
-        sink = "local" if local is not None and local.sink is not None else ""
+    connected = (await manager.client_state(record))["state"] == "connected"
     return {
         "id": kernel_id(record.id),
         "name": record.kernel_name,
-        "last_activity": _iso(time.time() if sink else record.created),
+        "last_activity": _iso(time.time() if connected else record.created),
         "execution_state": "idle" if record.kernel_id else "starting",
-        "connections": 1 if sink else 0,
+        "connections": 1 if connected else 0,
     }
 
 
@@ -227,8 +229,7 @@ async def start_kernel(request: web.Request) -> web.Response:
     limit = config.jupyter_api_kernels_per_token if who.startswith("token:") else None
     origin = request.headers.get("Origin", "")
     session, _ = await manager.open(who, name, origin=origin, kind=KIND, limit=limit)
-    # Start its kernel now, as Jupyter clients expect of a new kernel.
-    await session.to_kernel("shell", validate("shell", message("kernel_info_request", {}), 1 << 16, session.id))
+    await ask(session, "shell", "kernel_info_request", {})  # its kernel starts now, as Jupyter clients expect
     record = await manager.registry.get(session.id) or session.record
     location = f"{config.jupyter_api_base}/api/kernels/{kernel_id(record.id)}"
     return web.json_response(await model(manager, record), status=201, headers={"Location": location})
@@ -241,18 +242,14 @@ async def get_kernel(request: web.Request) -> web.Response:
 
 async def delete_kernel(request: web.Request) -> web.Response:
     record = await owned(request)
-    manager = request.app["manager"]
-    if isinstance(manager, RemoteSessionManager):
-        await manager.cluster.send(record.id, "end", {"reason": "requested"}, counted=False)
-    else:
-        await handle(manager, record).end("shutdown", "requested")
+    if not await request.app["manager"].end_session(record.id, "requested"):
+        raise CellgateError("not_found", f"Kernel does not exist here: {kernel_id(record.id)}")
     return web.Response(status=204)
 
 
 async def interrupt_kernel(request: web.Request) -> web.Response:
     record = await owned(request)
-    session = handle(request.app["manager"], record)
-    await session.to_kernel("control", validate("control", message("interrupt_request", {}), 1 << 16, record.id))
+    await ask(handle(request.app["manager"], record), "control", "interrupt_request", {})
     return web.Response(status=204)
 
 
@@ -260,8 +257,7 @@ async def restart_kernel(request: web.Request) -> web.Response:
     """Restart, keeping the kernel id (the session goes on with a fresh kernel)."""
     record = await owned(request)
     manager = request.app["manager"]
-    ask = message("shutdown_request", {"restart": True})
-    await handle(manager, record).to_kernel("control", validate("control", ask, 1 << 16, record.id))
+    await ask(handle(manager, record), "control", "shutdown_request", {"restart": True})
     return web.json_response({**await model(manager, record), "execution_state": "restarting"})
 
 

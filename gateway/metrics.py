@@ -4,6 +4,8 @@ process don't mix)."""
 from __future__ import annotations
 
 import re
+import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -85,6 +87,12 @@ class Metrics:
         self.kernel_hosts = Gauge(
             "cellgate_kernel_hosts", "Kernel hosts this node sees, by state", ["state"], registry=r
         )
+
+    async def observe_registry(self, registry: Any) -> None:
+        """Whether the registry answers now, and how fast: read at each scrape."""
+        started = time.monotonic()
+        self.registry_up.set(1 if await registry.reachable() else 0)
+        self.registry_ping.set(time.monotonic() - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

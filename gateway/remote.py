@@ -232,6 +232,20 @@ class RemoteSessionManager(KeepsBlobs):
             await self.sio.emit("error", notice, to=sid)  # through Redis when it is another node's
             await self.sio.disconnect(sid)
 
+    async def client_state(self, record: SessionRecord) -> dict[str, Any]:
+        """Where a session's client is (the same answer on every node: the registry's)."""
+        sink, since = await self.registry.attachment(record.id)
+        return {
+            "node": sink.split(" ", 1)[0] or None,
+            "state": "connected" if sink else "disconnected",
+            "away": None if sink or since is None else round(time.time() - since, 1),
+        }
+
+    async def end_session(self, session_id: str, reason: str) -> bool:
+        """Ask the session's kernel host to end it (`kernel shutdown` with `reason`,
+        "admin" or "requested"); False if it has ended."""
+        return await self.cluster.send(session_id, "end", {"reason": reason}, counted=False)
+
     def counts(self) -> dict[str, int]:
         return {"connected": len(self.sessions), "disconnected": 0}
 

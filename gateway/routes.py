@@ -118,9 +118,7 @@ async def metrics(request: web.Request) -> web.Response:
         m.kernels.labels(state).set(n)
     for state, n in manager.counts().items():
         m.sessions.labels(state).set(n)
-    started = time.monotonic()
-    m.registry_up.set(1 if await manager.registry.reachable() else 0)
-    m.registry_ping.set(time.monotonic() - started)
+    await m.observe_registry(manager.registry)
     if isinstance(manager, RemoteSessionManager):
         live = manager.pool.live.values()
         m.kernel_hosts.labels("draining").set(sum(1 for h in live if h.get("draining")))

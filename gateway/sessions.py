@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
@@ -229,6 +230,29 @@ class SessionManager(KeepsBlobs):
                 await self.cluster.unassign(session.id, self.host_id)
         except (RegistryUnavailable, OSError) as exc:  # its keys expire by themselves
             log.warning("session %s: not removed from the registry: %s", session.id, exc)
+
+    async def client_state(self, record: SessionRecord) -> dict[str, Any]:
+        """Where a session's client is, for operators and Jupyter clients: the node
+        holding it, connected or disconnected, seconds away; "elsewhere" for a session
+        of another node (a shared registry without kernel hosts)."""
+        session = self.sessions.get(record.id)
+        if session is None:
+            return {"node": None, "state": "elsewhere", "away": None}
+        away = session.disconnected_at
+        return {
+            "node": self.node_id,
+            "state": "connected" if session.sink is not None else "disconnected",
+            "away": None if away is None else round(time.monotonic() - away, 1),
+        }
+
+    async def end_session(self, session_id: str, reason: str) -> bool:
+        """End a session of this node (`kernel shutdown` with `reason`); False if it
+        is not one of this node's."""
+        session = self.sessions.get(session_id)
+        if session is None or session.ended:
+            return False
+        await session.end("shutdown", reason)
+        return True
 
     def counts(self) -> dict[str, int]:
         connected = sum(1 for s in self.sessions.values() if s.sink is not None)

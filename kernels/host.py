@@ -137,9 +137,7 @@ class KernelHost:
         for state, n in self.pool.counts().items():
             m.kernels.labels(state).set(n)
         m.sessions.labels("hosted").set(len(self.manager.sessions))
-        started = time.monotonic()
-        m.registry_up.set(1 if await self.manager.registry.reachable() else 0)
-        m.registry_ping.set(time.monotonic() - started)
+        await m.observe_registry(self.manager.registry)
         return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
     def report(self) -> dict[str, Any]:
@@ -237,7 +235,7 @@ class KernelHost:
         try:
             if channel == "open":
                 return
-            if channel == "end":  # the admin API, or a Jupyter API client's DELETE
+            if channel == "end":  # end_session(): the admin API, or a Jupyter API client's DELETE
                 await session.end("shutdown", "requested" if msg.get("reason") == "requested" else "admin")
             elif channel == "upload":
                 await session.upload(msg["name"], msg["data"])
