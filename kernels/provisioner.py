@@ -116,6 +116,10 @@ class ForkServer:
                 env=server_environment(),
                 cwd=self.root,
                 limit=1 << 20,
+                # Its life is ours (stdin's end, or our death): a signal to our whole
+                # process group (a terminal's Ctrl-C, `timeout`, `kill -TERM -<pgid>`)
+                # must not stop it while we drain and its kernels finish their cells.
+                start_new_session=True,
             )
             assert self._process.stdout is not None
             try:

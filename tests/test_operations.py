@@ -83,8 +83,8 @@ async def test_polling_handshake_names_its_sid_in_a_header(gw: Gateway) -> None:
 
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(argv, env=env, cwd=ROOT, stderr=out)
+    with open(log, "wb") as out:  # in a process group of its own, as a service manager starts it
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stderr=out, start_new_session=True)
 
 
 @pytest.mark.timeout(120)
@@ -115,7 +115,7 @@ async def test_sigterm_drains_a_node_and_logs_json() -> None:
                 "import time\nfor i in range(40):\n    print(i, flush=True)\n    time.sleep(0.1)\n", wait=False
             )
             await c.wait_for(lambda e, d: e == "iopub" and parent_id(d) == run.msg_id and "3" in str(d["content"]))
-            node.send_signal(signal.SIGTERM)
+            os.killpg(node.pid, signal.SIGTERM)  # to the whole group, as `timeout` or a terminal does
             await asyncio.sleep(0.3)
             async with http.get(url + "/health") as r:
                 assert r.status == 503 and (await r.json())["status"] == "draining"
